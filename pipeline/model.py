@@ -1,0 +1,65 @@
+"""torchvision Faster R-CNN ResNet-50-FPN (91 classes) and its ImageNet backbone weights.
+
+With backbone weights (torchvision's ImageNet file, or the same from a local path or file://
+URL) the backbone keeps the reference's FrozenBatchNorm2d and 3 trainable layers; with "none"
+it starts from random weights with trainable BatchNorm and all 5 layers trainable, as
+torchvision does without pretrained weights.
+"""
+
+import hashlib
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import torch
+from torchvision.models import ResNet50_Weights, resnet50
+from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops import FrozenBatchNorm2d
+
+NUM_CLASSES = 91  # COCO category ids 1..90 index the classes directly; 0 is the background
+TRAINABLE_BACKBONE_LAYERS = 3
+# torch.hub's convention: "name-<first hex digits of the file's SHA-256>.ext".
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
+
+
+class WeightsError(ValueError):
+    pass
+
+
+def check_hash(path: Path) -> None:
+    """When the file name carries a SHA-256 prefix (resnet50-0676ba61.pth), the file must match it."""
+    match = HASH_IN_NAME.search(path.name)
+    if not match:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise WeightsError(f"{path}: SHA-256 {digest.hexdigest()[:12]}... does not match the "
+                           f"prefix {match.group(1)} in its name (corrupt or wrong file)")
+
+
+def load_backbone_state(source: str) -> dict:
+    """The ResNet-50 state dict from "imagenet" (torchvision's URL via the torch hub cache, hash
+    checked on download), a local path or a file:// URL (hash checked when the name has one)."""
+    if source == "imagenet":
+        return torch.hub.load_state_dict_from_url(ResNet50_Weights.IMAGENET1K_V1.url, map_location="cpu",
+                                                  check_hash=True, progress=False)
+    path = Path(url2pathname(urlparse(source).path)) if source.startswith("file://") else Path(source)
+    if not path.is_file():
+        raise WeightsError(f"backbone weights {source!r}: no such file {path}")
+    check_hash(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_model(backbone_weights: str, min_size: int, max_size: int, box_batch_size_per_image: int = 512) -> FasterRCNN:
+    sizes = {"min_size": min_size, "max_size": max_size, "box_batch_size_per_image": box_batch_size_per_image}
+    if backbone_weights == "none":
+        return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, **sizes)
+    backbone = resnet50(norm_layer=FrozenBatchNorm2d)
+    backbone.load_state_dict(load_backbone_state(backbone_weights))
+    backbone = _resnet_fpn_extractor(backbone, TRAINABLE_BACKBONE_LAYERS)
+    return FasterRCNN(backbone, num_classes=NUM_CLASSES, **sizes)

@@ -1,0 +1,42 @@
+"""The training recipe: SGD, the learning-rate schedule and the precision modes."""
+
+import contextlib
+
+import torch
+
+from pipeline.config import Config
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def warmup_iterations(config: Config, steps_per_epoch: int) -> int:
+    """torchvision's reference: min(warmup_iters, steps_per_epoch - 1) iterations of epoch 0."""
+    return min(config.warmup_iters, steps_per_epoch - 1)
+
+
+def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """lr for `step` (0-based) of `epoch`: the MultiStepLR decay (gamma per milestone passed),
+    times, in epoch 0, torchvision's LinearLR warm-up factor, which rises linearly from
+    warmup_factor at step 0 to 1 at step warmup_iterations and stays 1 after."""
+    lr = config.lr * config.lr_gamma ** sum(epoch >= milestone for milestone in config.lr_steps)
+    warmup = warmup_iterations(config, steps_per_epoch)
+    if epoch == 0 and step < warmup:
+        lr *= config.warmup_factor + (1 - config.warmup_factor) * step / warmup
+    return lr
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context for a precision: amp is fp16 on CUDA (bf16 on the CPU, which has no
+    fp16 kernels worth using); bf16 is bf16 on both; fp32 is none."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "amp" and device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling where fp16 gradients can underflow: amp on CUDA. Disabled elsewhere."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "amp" and device.type == "cuda")

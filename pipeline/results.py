@@ -1,0 +1,59 @@
+"""A run's results directory: result.json, the FlagPerf row (row.md) and the raw logs from which
+every figure can be recomputed: steps.parquet (one row per step per worker), epochs.jsonl (one
+row per epoch per worker) and workers.jsonl (one row per worker)."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROW_COLUMNS = ("config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "map", "mem")
+
+
+def _number(value: float) -> str:
+    """Throughput with three significant digits, so CPU runs (0.8 images/s) keep theirs too."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def flagperf_row(result: dict) -> dict:
+    return {
+        "config": result["config_label"],
+        "precision": result["config"]["precision"],
+        "fix_hp": result["config"]["fix_hp"],
+        "e2e_time": f"{result['e2e_time']:.0f}",
+        "p_whole": _number(result["p_whole"]),
+        "p_train": _number(result["p_train"]),
+        "p_core": _number(result["p_core"]),
+        "map": f"{100 * result['map']:.1f}%",
+        "mem": result["mem"],
+    }
+
+
+def markdown_table(rows: list[dict], columns=ROW_COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_records(run_dir: Path, records: dict) -> None:
+    pq.write_table(pa.table(records["steps"]), run_dir / "steps.parquet")
+    for name in ("epochs", "workers"):
+        columns = records[name]
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        (run_dir / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def load_records(run_dir: str | Path) -> dict:
+    """The raw logs as columns, the form pipeline.metrics takes."""
+    run_dir = Path(run_dir)
+    records = {"steps": pq.read_table(run_dir / "steps.parquet").to_pydict()}
+    for name in ("epochs", "workers"):
+        rows = [json.loads(line) for line in (run_dir / f"{name}.jsonl").read_text().splitlines()]
+        records[name] = {key: [row[key] for row in rows] for key in rows[0]}
+    return records
+
+
+def write_result(run_dir: Path, result: dict) -> None:
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (run_dir / "row.md").write_text(markdown_table([flagperf_row(result)]))

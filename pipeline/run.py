@@ -1,0 +1,131 @@
+"""The driver: data set -> manifests -> Ray Data streams -> TorchTrainer -> result files."""
+
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import ray
+import torch
+import torchvision
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import data, metrics, results, synthetic
+from pipeline.config import Config, to_dict
+from pipeline.manifest import build_manifest, split_paths
+from pipeline.reporting import ReportingActor
+from pipeline.train_loop import train_loop_per_worker
+
+
+class PreflightError(RuntimeError):
+    pass
+
+
+def process_start_time() -> float:
+    """Unix time at which this process started (Linux /proc), so e2e_time counts start-up too."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def prepare_data(config: Config) -> Path:
+    root = Path(config.data_root)
+    if config.synthetic_train_images:
+        synthetic.generate(root, synthetic.SyntheticSpec(
+            train_images=config.synthetic_train_images, val_images=config.synthetic_val_images,
+            image_size=config.synthetic_image_size, seed=config.seed))
+    return root
+
+
+def connect(config: Config) -> None:
+    if ray.is_initialized():
+        return
+    if config.ray_address == "local":
+        # Each Train worker holds one logical CPU; leave at least two for Ray Data's decoding,
+        # or the stream waits forever for a CPU on a small machine.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, config.num_workers + 2))
+    else:
+        ray.init(address=config.ray_address or None)
+
+
+def preflight(config: Config) -> None:
+    """Fail now, saying what is missing, rather than wait forever for resources that do not exist."""
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
+    if config.use_gpu and config.num_workers and gpus < config.num_workers:
+        raise PreflightError(f"{config.num_workers} GPU workers asked for; the cluster has {gpus:g} GPUs "
+                             f"and {cpus:g} CPUs (use --use-gpu false to train on CPUs)")
+    if not config.use_gpu and cpus < config.num_workers + 1:
+        raise PreflightError(f"{config.num_workers} CPU workers need {config.num_workers + 1} CPUs "
+                             f"(one each, and one at least for Ray Data); the cluster has {cpus:g}")
+
+
+def config_label(workers: dict) -> str:
+    """FlagPerf's "<nodes>x<devices per node>" from where the workers actually ran."""
+    per_node = {}
+    for node in workers["node"]:
+        per_node[node] = per_node.get(node, 0) + 1
+    return f"{len(per_node)}x{max(per_node.values())}"
+
+
+def run(config: Config) -> dict:
+    process_start = process_start_time()
+    run_name = config.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(config.output_dir).resolve() / run_name
+    root = prepare_data(config)
+    train_manifest, train_stats = build_manifest(*split_paths(root, "train"), drop_empty=True)
+    val_manifest, val_stats = build_manifest(*split_paths(root, "val"), drop_empty=False)
+    world = max(1, config.num_workers)
+    if train_manifest.num_rows < world or val_manifest.num_rows == 0:
+        raise PreflightError(f"{train_manifest.num_rows} training images (after dropping those without boxes) "
+                             f"and {val_manifest.num_rows} val images under {root}: too few for {world} workers")
+    # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
+    steps_per_epoch = math.ceil(train_manifest.num_rows // world / config.batch_size)
+
+    connect(config)
+    preflight(config)
+    reporter = ReportingActor.remote()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config, "reporter": reporter, "steps_per_epoch": steps_per_epoch,
+                           "val_annotations": str(split_paths(root, "val")[0].resolve())},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        run_config=RunConfig(name=run_name, storage_path=str(run_dir.parent)),
+        datasets={"train": data.train_dataset(train_manifest, config.seed, config.decode_batch_size),
+                  "val": data.val_dataset(val_manifest, config.decode_batch_size)},
+        dataset_config=data.ShardingConfig(),
+    )
+    trainer.fit()
+    records = ray.get(reporter.records.remote())
+    figures = ray.get(reporter.figures.remote())
+    ray.kill(reporter)
+
+    epochs = records["epochs"]
+    rank0 = [i for i, worker in enumerate(epochs["worker"]) if worker == 0]
+    final = rank0[-1]
+    result = {
+        "run_name": run_name,
+        "run_dir": str(run_dir),
+        "config_label": config_label(records["workers"]),
+        "map": epochs["map"][final], "ap50": epochs["ap50"][final], "ap75": epochs["ap75"][final],
+        "map_per_epoch": [epochs["map"][i] for i in rank0],
+        "epochs": len(rank0),
+        "converged": epochs["map"][final] >= config.target_map,
+        **figures,
+        "steps_per_epoch": steps_per_epoch,
+        "data": {"root": str(root.resolve()), "train": train_stats.__dict__, "val": val_stats.__dict__},
+        "workers": len(records["workers"]["worker"]),
+        "nodes": len(set(records["workers"]["node"])),
+        "devices": sorted(set(records["workers"]["device"])),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "ray": ray.__version__},
+        "config": to_dict(config),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results.write_records(run_dir, records)
+    result["e2e_time"] = metrics.e2e_time(process_start, time.time())
+    results.write_result(run_dir, result)
+    return result

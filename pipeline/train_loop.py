@@ -1,0 +1,170 @@
+"""The worker side: `train_loop_per_worker`, run by Ray Train's TorchTrainer on every worker.
+
+Each epoch has two phases, each between barriers: training on this worker's equal share of the
+shuffled training stream, then evaluation of this worker's share of the val stream (every val
+image goes to exactly one worker), gathered on rank 0 for COCOeval. Timings go to the
+reporting actor (see pipeline.metrics for what each one measures).
+"""
+
+import math
+import os
+import platform
+import resource
+import time
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from pipeline import evaluation, recipe
+from pipeline.config import Config
+from pipeline.data import to_tensors
+from pipeline.model import build_model
+from pipeline.reporting import StepLog
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _barrier(device: torch.device) -> None:
+    if dist.is_initialized():
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _to_device(images, targets, device):
+    images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def train_one_epoch(model, optimizer, scaler, shard, config: Config, epoch: int, steps_per_epoch: int,
+                    device: torch.device, log: StepLog, rank: int) -> None:
+    model.train()
+    batches = iter(shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
+                                      prefetch_batches=config.prefetch_batches))
+    step = 0
+    while True:
+        start, wait_start = time.time(), time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        _, images, targets = to_tensors(batch)
+        compute_start = time.perf_counter()
+        lr = recipe.learning_rate(config, epoch, step, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, targets = _to_device(images, targets, device)
+        with recipe.autocast(config.precision, device):
+            loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        loss_value = loss.item()
+        _sync(device)
+        end = time.perf_counter()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f"loss is {loss_value} at epoch {epoch} step {step} on worker {rank}")
+        log.add(epoch, step, len(images), compute_start - wait_start, end - compute_start, loss_value, lr, start)
+        step += 1
+    if step != steps_per_epoch:
+        raise RuntimeError(f"worker {rank} got {step} training batches in epoch {epoch}, expected {steps_per_epoch}")
+
+
+@torch.no_grad()
+def infer_shard(model, shard, config: Config, device: torch.device) -> tuple[list[int], list[dict]]:
+    """This worker's share of the val stream -> (image ids seen, COCO detections)."""
+    model.eval()
+    seen, detections = [], []
+    for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
+                                    prefetch_batches=config.prefetch_batches):
+        image_ids, images, targets = to_tensors(batch)
+        images, _ = _to_device(images, targets, device)
+        with recipe.autocast(config.precision, device):
+            outputs = model(images)
+        seen += image_ids
+        detections += evaluation.coco_detections(image_ids, outputs)
+    model.train()
+    return seen, detections
+
+
+def evaluate(model, shard, config: Config, device: torch.device, ground_truth) -> dict:
+    """Infer this worker's share, gather on rank 0, COCOeval there, share the result with all."""
+    seen, detections = infer_shard(_unwrap(model), shard, config, device)
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((seen, detections), gathered, dst=0)
+        if dist.get_rank() == 0:
+            seen = [i for ids, _ in gathered for i in ids]
+            detections = [d for _, dets in gathered for d in dets]
+    result = [None]
+    if ground_truth is not None:
+        evaluation.check_exactly_once(ground_truth, seen)
+        result = [evaluation.coco_map(ground_truth, detections)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def memory_record(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(device), "mem_kind": "cuda",
+                "mem_peak_bytes": torch.cuda.max_memory_reserved(device),
+                "mem_total_bytes": torch.cuda.get_device_properties(device).total_memory}
+    return {"device": platform.processor() or platform.machine(), "mem_kind": "cpu rss",
+            "mem_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config: Config = loop_config["config"]
+    reporter, steps_per_epoch = loop_config["reporter"], loop_config["steps_per_epoch"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    # Logical CPUs are a scheduling budget, not threads: share this node's cores between its
+    # workers so that compute and Ray Data's decoding do not oversubscribe them.
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, context.get_local_world_size())))
+    torch.manual_seed(config.seed)
+
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(build_model(config.backbone_weights, config.min_size, config.max_size,
+                                                         config.box_batch_size_per_image))
+    optimizer = recipe.make_optimizer(model, config)
+    scaler = recipe.grad_scaler(config.precision, device)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    ground_truth = evaluation.load_ground_truth(loop_config["val_annotations"]) if rank == 0 else None
+    log = StepLog(reporter, rank)
+
+    for epoch in range(config.max_epochs):
+        _barrier(device)
+        start = time.perf_counter()
+        train_one_epoch(model, optimizer, scaler, train_shard, config, epoch, steps_per_epoch, device, log, rank)
+        _sync(device)
+        _barrier(device)
+        train_end = time.perf_counter()
+        scores = evaluate(model, val_shard, config, device, ground_truth)
+        _barrier(device)
+        end = time.perf_counter()
+        ray.get([ref for ref in (log.flush(), reporter.add_epoch.remote(
+            {"worker": rank, "epoch": epoch, "train_s": train_end - start, "eval_s": end - train_end, **scores}))
+            if ref is not None])
+        if scores["map"] >= config.target_map:
+            break
+
+    ray.get(reporter.add_worker.remote({"worker": rank, "node": context.get_node_rank(),
+                                        "node_ip": ray.util.get_node_ip_address(), **memory_record(device)}))
