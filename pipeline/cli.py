@@ -13,6 +13,9 @@ def _run(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "preset")}
     config = config_module.resolve(args.preset, **overrides)
     result = run(config)
+    print("\nepoch  mean loss  bbox mAP")
+    for epoch, (loss, score) in enumerate(zip(result["loss_per_epoch"], result["map_per_epoch"])):
+        print(f"{epoch:5d}  {loss:9.3f}  {score:8.3f}")
     print(f"\nresults in {result['run_dir']}\n")
     print(open(f"{result['run_dir']}/row.md").read(), end="")
 

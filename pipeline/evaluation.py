@@ -12,8 +12,8 @@ def coco_detections(image_ids: list[int], outputs: list[dict]) -> list[dict]:
     """Model outputs (xyxy boxes, scores, labels = COCO category ids) -> COCO result entries (xywh)."""
     detections = []
     for image_id, output in zip(image_ids, outputs):
-        boxes = output["boxes"].float().cpu()
-        boxes[:, 2:] -= boxes[:, :2]
+        xyxy = output["boxes"].float().cpu()
+        boxes = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1)
         for box, score, label in zip(boxes.tolist(), output["scores"].float().cpu().tolist(),
                                      output["labels"].cpu().tolist()):
             detections.append({"image_id": image_id, "category_id": label, "bbox": box, "score": score})

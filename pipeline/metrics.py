@@ -8,7 +8,8 @@ steps  (one row per training step per worker): worker, epoch, step, images, data
        data_wait_s: waiting for the next batch from Ray Data and making tensors of it.
        compute_s: device copy + forward + backward + optimizer step, ended by a device
        synchronisation on accelerators so that queued work is counted where it belongs.
-epochs (one row per epoch per worker): worker, epoch, train_s, eval_s, map, ap50, ap75.
+epochs (one row per epoch per worker): worker, epoch, train_s, eval_s, eval_images (val
+       images this worker inferred), map, ap50, ap75.
        Workers pass a barrier before and after each phase, so a phase's wall time is the
        same on all workers up to the barrier's skew; the slowest worker's figure counts.
        train_s: the epoch's training phase. eval_s: from the end of training to the end of
@@ -70,6 +71,14 @@ def p_core(steps: dict) -> float:
     return images_trained(steps) / compute_time(steps)
 
 
+def loss_per_epoch(steps: dict) -> list[float]:
+    """Mean training loss of each epoch over all workers' steps (each worker's loss is local)."""
+    losses = defaultdict(list)
+    for epoch, loss in zip(steps["epoch"], steps["loss"]):
+        losses[epoch].append(loss)
+    return [sum(values) / len(values) for _, values in sorted(losses.items())]
+
+
 def e2e_time(process_start: float, results_written: float) -> float:
     """Seconds from the driver process's start to its results being written (unix times)."""
     return results_written - process_start
@@ -127,6 +136,7 @@ def figures(steps: dict, epochs: dict, workers: dict) -> dict:
         "p_whole": p_whole(steps, epochs),
         "p_train": p_train(steps, epochs),
         "p_core": p_core(steps),
+        "loss_per_epoch": loss_per_epoch(steps),
         **memory(workers),
         "per_worker": workers_table,
         "per_node": per_node(workers_table),

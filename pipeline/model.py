@@ -43,12 +43,15 @@ def check_hash(path: Path) -> None:
 
 
 def load_backbone_state(source: str) -> dict:
-    """The ResNet-50 state dict from "imagenet" (torchvision's URL via the torch hub cache, hash
-    checked on download), a local path or a file:// URL (hash checked when the name has one)."""
+    """The ResNet-50 state dict from "imagenet" (torchvision's URL, downloaded once into the torch
+    hub cache), a local path or a file:// URL. The SHA-256 prefix in the file name, when it has
+    one, is checked every time, the cached file's too."""
     if source == "imagenet":
-        return torch.hub.load_state_dict_from_url(ResNet50_Weights.IMAGENET1K_V1.url, map_location="cpu",
-                                                  check_hash=True, progress=False)
-    path = Path(url2pathname(urlparse(source).path)) if source.startswith("file://") else Path(source)
+        url = ResNet50_Weights.IMAGENET1K_V1.url
+        torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, progress=False)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    else:
+        path = Path(url2pathname(urlparse(source).path)) if source.startswith("file://") else Path(source)
     if not path.is_file():
         raise WeightsError(f"backbone weights {source!r}: no such file {path}")
     check_hash(path)

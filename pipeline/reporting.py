@@ -8,7 +8,7 @@ import ray
 from pipeline import metrics
 
 STEP_COLUMNS = ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss", "lr", "start", "end")
-EPOCH_COLUMNS = ("worker", "epoch", "train_s", "eval_s", "map", "ap50", "ap75")
+EPOCH_COLUMNS = ("worker", "epoch", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75")
 WORKER_COLUMNS = ("worker", "node", "node_ip", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind")
 
 
@@ -56,9 +56,7 @@ class StepLog:
         if len(self.rows) >= self.flush_every:
             self.flush()
 
-    def flush(self) -> ray.ObjectRef | None:
-        if not self.rows:
-            return None
+    def flush(self) -> ray.ObjectRef:
         ref = self.actor.add_steps.remote(self.rows)
         self.rows = []
         return ref

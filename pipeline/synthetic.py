@@ -10,6 +10,7 @@ object at all, as in COCO.
 
 import argparse
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,12 +177,18 @@ def write_split(root: Path, split: str, count: int, spec: SyntheticSpec, categor
 
 
 def generate(root: str | Path, spec: SyntheticSpec) -> Path:
-    """Write the data set under `root`, or reuse it when `root` already holds the same spec."""
+    """Write the data set under `root`, or reuse it when `root` already holds the same spec.
+    A set made for another spec is replaced; a folder holding other annotations is refused."""
     root = Path(root)
     stamp = root / "synthetic.json"
     wanted = json.dumps(spec.__dict__, sort_keys=True)
-    if stamp.exists() and stamp.read_text() == wanted:
-        return root
+    if stamp.exists():
+        if stamp.read_text() == wanted:
+            return root
+        for folder in ("train2017", "val2017", "annotations"):
+            shutil.rmtree(root / folder, ignore_errors=True)
+    elif (root / "annotations").exists():
+        raise FileExistsError(f"{root} holds annotations not written by this generator; not overwriting them")
     if not 1 <= spec.num_categories <= len(COCO_CATEGORY_IDS):
         raise ValueError(f"num_categories must be 1..{len(COCO_CATEGORY_IDS)}, got {spec.num_categories}")
     # Stepping by 21 (coprime with 80) spreads the categories over COCO's id range, gaps

@@ -102,9 +102,11 @@ def infer_shard(model, shard, config: Config, device: torch.device) -> tuple[lis
     return seen, detections
 
 
-def evaluate(model, shard, config: Config, device: torch.device, ground_truth) -> dict:
-    """Infer this worker's share, gather on rank 0, COCOeval there, share the result with all."""
+def evaluate(model, shard, config: Config, device: torch.device, ground_truth) -> tuple[dict, int]:
+    """Infer this worker's share, gather on rank 0, COCOeval there, share the result with all.
+    Returns the scores and the number of images this worker inferred."""
     seen, detections = infer_shard(_unwrap(model), shard, config, device)
+    inferred = len(seen)
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object((seen, detections), gathered, dst=0)
@@ -117,7 +119,7 @@ def evaluate(model, shard, config: Config, device: torch.device, ground_truth) -
         result = [evaluation.coco_map(ground_truth, detections)]
     if dist.is_initialized():
         dist.broadcast_object_list(result, src=0)
-    return result[0]
+    return result[0], inferred
 
 
 def memory_record(device: torch.device) -> dict:
@@ -157,12 +159,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _sync(device)
         _barrier(device)
         train_end = time.perf_counter()
-        scores = evaluate(model, val_shard, config, device, ground_truth)
+        scores, inferred = evaluate(model, val_shard, config, device, ground_truth)
         _barrier(device)
         end = time.perf_counter()
-        ray.get([ref for ref in (log.flush(), reporter.add_epoch.remote(
-            {"worker": rank, "epoch": epoch, "train_s": train_end - start, "eval_s": end - train_end, **scores}))
-            if ref is not None])
+        epoch_row = {"worker": rank, "epoch": epoch, "train_s": train_end - start, "eval_s": end - train_end,
+                     "eval_images": inferred, **scores}
+        ray.get([log.flush(), reporter.add_epoch.remote(epoch_row)])
         if scores["map"] >= config.target_map:
             break
 

@@ -1,0 +1,166 @@
+import pytest
+
+from pipeline import metrics, results
+
+GIB = 1024**3
+
+# Worker 0 (node "a") is fast; worker 1 (node "b") is the straggler. 3 steps of 2 images each,
+# 2 in epoch 0 and 1 in epoch 1. All times are exact binary fractions, so sums compare exactly.
+STEPS = {
+    "worker": [0, 0, 0, 1, 1, 1],
+    "epoch": [0, 0, 1, 0, 0, 1],
+    "step": [0, 1, 0, 0, 1, 0],
+    "images": [2, 2, 2, 2, 2, 2],
+    "data_wait_s": [0.25, 0.25, 0.25, 0.5, 0.5, 0.5],
+    "compute_s": [0.5, 0.5, 0.5, 1.0, 1.0, 1.0],
+    "loss": [2.0, 1.5, 1.0, 2.0, 1.75, 1.25],
+    "lr": [0.01, 0.01, 0.01, 0.01, 0.01, 0.01],
+    "start": [100.0, 101.0, 105.0, 100.0, 102.0, 106.0],
+    "end": [101.0, 102.0, 106.0, 102.0, 104.0, 108.0],
+}
+EPOCHS = {
+    "worker": [0, 0, 1, 1],
+    "epoch": [0, 1, 0, 1],
+    "train_s": [3.0, 2.0, 4.0, 3.0],
+    "eval_s": [1.0, 0.5, 0.75, 1.0],
+    "eval_images": [2, 2, 2, 2],
+    "map": [0.1, 0.2, 0.1, 0.2],
+    "ap50": [0.2, 0.4, 0.2, 0.4],
+    "ap75": [0.05, 0.1, 0.05, 0.1],
+}
+WORKERS = {
+    "worker": [0, 1],
+    "node": ["a", "b"],
+    "node_ip": ["10.0.0.1", "10.0.0.2"],
+    "device": ["NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-40GB"],
+    "mem_peak_bytes": [5 * GIB, int(7.9 * GIB)],
+    "mem_total_bytes": [40 * GIB, 40 * GIB],
+    "mem_kind": ["cuda", "cuda"],
+}
+
+
+def test_throughput_figures():
+    assert metrics.images_trained(STEPS) == 12
+    assert metrics.training_time(EPOCHS) == max(3.0, 4.0) + max(2.0, 3.0) == 7.0
+    assert metrics.evaluation_time(EPOCHS) == max(1.0, 0.75) + max(0.5, 1.0) == 2.0
+    assert metrics.compute_time(STEPS) == max(0.5 + 0.5 + 0.5, 1.0 + 1.0 + 1.0) == 3.0
+    assert metrics.p_whole(STEPS, EPOCHS) == pytest.approx(12 / (7.0 + 2.0))
+    assert metrics.p_train(STEPS, EPOCHS) == pytest.approx(12 / 7.0)
+    assert metrics.p_core(STEPS) == 12 / 3.0 == 4.0
+    assert metrics.p_core(STEPS) >= metrics.p_train(STEPS, EPOCHS) >= metrics.p_whole(STEPS, EPOCHS)
+
+
+def test_loss_per_epoch_is_the_mean_over_all_workers_steps():
+    assert metrics.loss_per_epoch(STEPS) == [(2.0 + 1.5 + 2.0 + 1.75) / 4, (1.0 + 1.25) / 2] == [1.8125, 1.125]
+
+
+def test_e2e_time():
+    assert metrics.e2e_time(1000.0, 1123.5) == 123.5
+
+
+def test_memory_on_cuda_is_the_peak_worker():
+    memory = metrics.memory(WORKERS)
+    assert memory["mem"] == "7.9/40.0"
+    assert memory["mem_used_gib"] == pytest.approx(7.9)
+    assert memory["mem_total_gib"] == 40.0
+    assert memory["mem_kind"] == "cuda"
+
+
+def test_memory_on_cpu_names_its_kind():
+    workers = {**WORKERS, "mem_peak_bytes": [int(1.5 * GIB), 1 * GIB], "mem_total_bytes": [16 * GIB, 16 * GIB],
+               "mem_kind": ["cpu rss", "cpu rss"]}
+    memory = metrics.memory(workers)
+    assert memory["mem"] == "1.5/16.0 (cpu rss)"
+    assert memory["mem"].endswith(" (cpu rss)")
+    assert memory["mem_kind"] == "cpu rss"
+
+
+def test_per_worker_shows_the_straggler():
+    fast, slow = metrics.per_worker(STEPS, EPOCHS, WORKERS)
+    assert fast["worker"] == 0 and fast["node"] == "a" and fast["steps"] == 3
+    assert fast["images"] == 6
+    assert fast["data_wait_s"] == 0.75
+    assert fast["compute_s"] == 1.5
+    assert fast["train_s"] == 3.0 + 2.0
+    assert fast["images_per_s"] == pytest.approx(6 / 5.0)
+    assert fast["core_images_per_s"] == 6 / 1.5
+    assert fast["data_wait_share"] == pytest.approx(0.75 / 5.0)
+    assert slow["worker"] == 1 and slow["node"] == "b" and slow["steps"] == 3
+    assert slow["images"] == 6
+    assert slow["data_wait_s"] == 1.5
+    assert slow["compute_s"] == 3.0
+    assert slow["train_s"] == 4.0 + 3.0
+    assert slow["images_per_s"] == pytest.approx(6 / 7.0)
+    assert slow["core_images_per_s"] == 6 / 3.0
+
+
+def test_per_node_sums_workers_by_node():
+    rows = [
+        {"node": "b", "images": 4, "data_wait_s": 0.5, "compute_s": 2.0},
+        {"node": "a", "images": 6, "data_wait_s": 0.25, "compute_s": 1.0},
+        {"node": "b", "images": 2, "data_wait_s": 0.75, "compute_s": 1.5},
+    ]
+    assert metrics.per_node(rows) == [
+        {"node": "a", "workers": 1, "images": 6, "data_wait_s": 0.25, "compute_s": 1.0},
+        {"node": "b", "workers": 2, "images": 4 + 2, "data_wait_s": 0.5 + 0.75, "compute_s": 2.0 + 1.5},
+    ]
+
+
+def test_figures_collects_everything():
+    figures = metrics.figures(STEPS, EPOCHS, WORKERS)
+    assert figures["images_trained"] == 12
+    assert figures["training_time_s"] == 7.0
+    assert figures["evaluation_time_s"] == 2.0
+    assert figures["compute_time_s"] == 3.0
+    assert figures["p_core"] == 4.0
+    assert figures["loss_per_epoch"] == [1.8125, 1.125]
+    assert figures["mem"] == "7.9/40.0"
+    assert [row["worker"] for row in figures["per_worker"]] == [0, 1]
+    assert figures["per_node"] == [
+        {"node": "a", "workers": 1, "images": 6, "data_wait_s": 0.75, "compute_s": 1.5},
+        {"node": "b", "workers": 1, "images": 6, "data_wait_s": 1.5, "compute_s": 3.0},
+    ]
+
+
+def test_records_round_trip(tmp_path):
+    records = {"steps": STEPS, "epochs": EPOCHS, "workers": WORKERS}
+    results.write_records(tmp_path, records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epochs.jsonl", "steps.parquet", "workers.jsonl"]
+    loaded = results.load_records(tmp_path)
+    assert loaded == records
+    assert metrics.figures(loaded["steps"], loaded["epochs"], loaded["workers"]) == metrics.figures(
+        STEPS, EPOCHS, WORKERS)
+
+
+RESULT = {
+    "config_label": "1x8 A100",
+    "config": {"precision": "amp", "fix_hp": "bs=16,lr=0.16"},
+    "e2e_time": 1234.6,
+    "p_whole": 123.4,
+    "p_train": 12.345,
+    "p_core": 0.8123,
+    "map": 0.37,
+    "mem": "7.9/40.0",
+}
+
+
+def test_flagperf_row():
+    assert results.flagperf_row(RESULT) == {
+        "config": "1x8 A100", "precision": "amp", "fix_hp": "bs=16,lr=0.16", "e2e_time": "1235",
+        "p_whole": "123", "p_train": "12.3", "p_core": "0.812", "map": "37.0%", "mem": "7.9/40.0",
+    }
+
+
+def test_markdown_table():
+    table = results.markdown_table([results.flagperf_row(RESULT)])
+    assert table == (
+        "| config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| 1x8 A100 | amp | bs=16,lr=0.16 | 1235 | 123 | 12.3 | 0.812 | 37.0% | 7.9/40.0 |\n"
+    )
+
+
+def test_write_result(tmp_path):
+    results.write_result(tmp_path, RESULT)
+    assert (tmp_path / "row.md").read_text() == results.markdown_table([results.flagperf_row(RESULT)])
+    assert '"map": 0.37' in (tmp_path / "result.json").read_text()

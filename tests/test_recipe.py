@@ -1,0 +1,134 @@
+import contextlib
+
+import pytest
+import torch
+
+from pipeline import recipe
+from pipeline.config import Config, ConfigError, resolve
+
+CPU = torch.device("cpu")
+
+
+def torchvision_schedule(config: Config, epochs: int, steps_per_epoch: int) -> list[float]:
+    """The lr of every step as torchvision's references/detection run it: MultiStepLR made before
+    training and stepped per epoch; in epoch 0 only, a LinearLR warm-up made at the start of the
+    epoch and stepped after every iteration."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    main = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_steps), gamma=config.lr_gamma)
+    lrs = []
+    for epoch in range(epochs):
+        warmup = None
+        if epoch == 0:
+            warmup = torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=config.warmup_factor,
+                total_iters=min(config.warmup_iters, steps_per_epoch - 1))
+        for _ in range(steps_per_epoch):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            parameter.grad = torch.zeros(1)
+            optimizer.step()
+            if warmup is not None:
+                warmup.step()
+        main.step()
+    return lrs
+
+
+@pytest.mark.parametrize("warmup_iters", [10, 4])
+def test_learning_rate_matches_torch_schedulers(warmup_iters):
+    config = Config(lr=0.02, lr_steps=(2, 4), lr_gamma=0.1, warmup_factor=0.001, warmup_iters=warmup_iters)
+    epochs, steps_per_epoch = 5, 7
+    expected = torchvision_schedule(config, epochs, steps_per_epoch)
+    ours = [recipe.learning_rate(config, epoch, step, steps_per_epoch)
+            for epoch in range(epochs) for step in range(steps_per_epoch)]
+    assert ours == pytest.approx(expected, rel=1e-9)
+    # The shape, by hand: warm-up from lr * 0.001, then lr, lr / 10 from epoch 2, lr / 100 from epoch 4.
+    assert ours[0] == pytest.approx(0.02 * 0.001)
+    assert ours[steps_per_epoch - 1] == pytest.approx(0.02)
+    assert ours[2 * steps_per_epoch] == pytest.approx(0.002)
+    assert ours[-1] == pytest.approx(0.0002)
+
+
+def test_warmup_iterations_is_capped_by_the_epoch():
+    assert recipe.warmup_iterations(Config(warmup_iters=1000), 7) == 6
+    assert recipe.warmup_iterations(Config(warmup_iters=3), 7) == 3
+
+
+def test_make_optimizer_takes_trainable_parameters_only():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[0].requires_grad_(False)
+    optimizer = recipe.make_optimizer(model, Config(lr=0.05, momentum=0.8, weight_decay=0.001))
+    (group,) = optimizer.param_groups
+    assert [p.shape for p in group["params"]] == [torch.Size([1, 2]), torch.Size([1])]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.8, 0.001)
+
+
+def test_fp32_has_no_autocast():
+    context = recipe.autocast("fp32", CPU)
+    assert isinstance(context, contextlib.nullcontext)
+    with context:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["amp", "bf16"])
+def test_amp_and_bf16_on_cpu_autocast_to_bfloat16(precision):
+    with recipe.autocast(precision, CPU):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp", "bf16"])
+def test_no_grad_scaler_on_cpu(precision):
+    assert not recipe.grad_scaler(precision, CPU).is_enabled()
+
+
+def test_resolve_applies_preset_then_overrides():
+    config = resolve("demo", num_workers="4", lr_steps="16,22", use_gpu="false", max_epochs=None)
+    # From the demo preset.
+    assert config.preset == "demo"
+    assert config.data_root == "data/synthetic"
+    assert config.backbone_weights == "none"
+    assert config.lr == 0.01
+    assert config.max_epochs == 8
+    assert config.clip_grad_norm == 10.0
+    # The overrides, converted to the fields' types, win over the preset.
+    assert config.num_workers == 4
+    assert config.lr_steps == (16, 22)
+    assert config.use_gpu is False
+    # Fields neither sets keep the reference defaults.
+    assert config.momentum == 0.9
+    assert config.warmup_iters == 1000
+
+
+def test_resolve_converts_strings():
+    config = resolve(batch_size="8", lr="0.16", use_gpu="true", lr_steps="7", precision="amp")
+    assert config.batch_size == 8
+    assert config.lr == 0.16
+    assert config.use_gpu is True
+    assert config.lr_steps == (7,)
+    assert config.precision == "amp"
+    assert resolve(use_gpu="false").use_gpu is False
+
+
+def test_demo_preset_lists_are_tuples():
+    assert resolve("demo").lr_steps == (7,)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'; presets: .*demo"):
+        resolve("nope")
+
+
+def test_fp16_is_refused_pointing_to_amp():
+    with pytest.raises(ConfigError, match="amp"):
+        resolve(precision="fp16")
+
+
+def test_invalid_values_are_refused():
+    with pytest.raises(ConfigError, match="batch_size must be at least 1, got 0"):
+        resolve(batch_size="0")
+    with pytest.raises(ConfigError, match="lr must be positive, got -0.1"):
+        resolve(lr="-0.1")
+    with pytest.raises(ConfigError, match="batch_size must be a int, got 'two'"):
+        resolve(batch_size="two")
+    with pytest.raises(ConfigError, match="use_gpu must be true or false"):
+        resolve(use_gpu="maybe")

@@ -1,0 +1,62 @@
+"""Real runs on a real Ray head (127.0.0.1): TorchTrainer workers, Ray Data, the reporting actor."""
+
+import json
+
+import pytest
+
+from pipeline import metrics, results
+from pipeline.config import resolve
+from pipeline.run import run
+
+
+def tiny_config(ray_head, data_root, output_dir, **overrides):
+    values = dict(data_root=str(data_root), output_dir=str(output_dir), ray_address=ray_head.address,
+                  use_gpu=False, backbone_weights="none", min_size=64, max_size=96, box_batch_size_per_image=32,
+                  batch_size=2, lr=0.005, warmup_iters=2, lr_steps=(), max_epochs=1)
+    return resolve(**{**values, **overrides})
+
+
+def val_image_count(data_root):
+    return len(json.loads((data_root / "annotations" / "instances_val2017.json").read_text())["images"])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_every_val_image_evaluated_exactly_once(ray_head, tiny_coco, tmp_path, workers):
+    result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=workers))
+    epochs = results.load_records(result["run_dir"])["epochs"]
+    assert sorted(epochs["worker"]) == list(range(workers))
+    # 7 val images: not a multiple of 3 (nor of 2, in the end-to-end test below).
+    assert sum(epochs["eval_images"]) == val_image_count(tiny_coco) == 7
+
+
+def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
+    result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=2, max_epochs=2, run_name="e2e"))
+    run_dir = tmp_path / "e2e"
+    assert result["run_dir"] == str(run_dir)
+    saved = json.loads((run_dir / "result.json").read_text())
+
+    # Images trained = what was fed: Ray's equal split gives each worker floor(kept / 2) images an epoch.
+    kept = saved["data"]["train"]["kept"]
+    assert saved["data"]["train"]["images"] == 7 and saved["data"]["train"]["dropped_without_boxes"] == 7 - kept
+    assert saved["images_trained"] == 2 * (kept // 2) * 2
+    assert saved["epochs"] == 2 and saved["converged"] is False and len(saved["map_per_epoch"]) == 2
+    assert saved["workers"] == 2 and saved["nodes"] == 1 and saved["config_label"] == "1x2"
+    assert saved["config"]["num_workers"] == 2 and saved["config"]["max_epochs"] == 2
+    assert set(saved["versions"]) == {"python", "torch", "torchvision", "ray"}
+    assert [row["images"] for row in saved["per_worker"]] == [2 * (kept // 2)] * 2
+    for key in ("e2e_time", "p_whole", "p_train", "p_core", "map", "ap50", "ap75", "mem"):
+        assert key in saved
+    assert saved["p_core"] >= saved["p_train"] >= saved["p_whole"] > 0
+    assert 0 <= saved["map"] <= 1 and saved["mem"].endswith("(cpu rss)")
+
+    # Every figure recomputed from the raw logs equals the one in result.json.
+    records = results.load_records(run_dir)
+    recomputed = metrics.figures(records["steps"], records["epochs"], records["workers"])
+    assert recomputed == {key: saved[key] for key in recomputed}
+    assert len(records["steps"]["worker"]) == 2 * 2 * saved["steps_per_epoch"]
+    for epoch in (0, 1):
+        assert sum(n for e, n in zip(records["epochs"]["epoch"], records["epochs"]["eval_images"]) if e == epoch) == 7
+
+    row = (run_dir / "row.md").read_text().splitlines()
+    assert row[0] == "| config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |"
+    assert row[2].startswith("| 1x2 | fp32 | / |")
