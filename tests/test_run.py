@@ -20,9 +20,10 @@ def val_image_count(data_root):
     return len(json.loads((data_root / "annotations" / "instances_val2017.json").read_text())["images"])
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_every_val_image_evaluated_exactly_once(ray_head, tiny_coco, tmp_path, workers):
-    result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=workers))
+@pytest.mark.parametrize("workers,precision", [(1, "amp"), (3, "fp32")])
+def test_every_val_image_evaluated_exactly_once(ray_head, tiny_coco, tmp_path, workers, precision):
+    result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=workers, precision=precision))
+    assert result["config"]["precision"] == precision
     epochs = results.load_records(result["run_dir"])["epochs"]
     assert sorted(epochs["worker"]) == list(range(workers))
     # 7 val images: not a multiple of 3 (nor of 2, in the end-to-end test below).

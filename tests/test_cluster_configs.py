@@ -1,0 +1,176 @@
+"""The cluster configurations in cluster/: the Ray launcher YAML goes through Ray's own
+validation (as `ray up` does), the KubeRay RayJob has the fields KubeRay requires, and both run
+the same entrypoint. No Ray cluster is started."""
+
+import copy
+import shlex
+from pathlib import Path
+
+import click
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+LAUNCHER = CLUSTER / "two-nodes-8gpu.yaml"
+RAYJOB = CLUSTER / "rayjob-2x8.yaml"
+ENTRYPOINT_PREFIX = ["python", "-m", "jobs.train", "--preset", "a100-2x8"]
+SHARED = "/mnt/shared"
+
+
+@pytest.fixture(scope="module")
+def launcher() -> dict:
+    return yaml.safe_load(LAUNCHER.read_text())
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    return yaml.safe_load(RAYJOB.read_text())
+
+
+def submit_command() -> list[str]:
+    """The `# submit:` comment line of the launcher YAML, as argv."""
+    lines = [line for line in LAUNCHER.read_text().splitlines() if line.startswith("# submit:")]
+    assert len(lines) == 1, "the launcher YAML documents exactly one `# submit:` line"
+    return shlex.split(lines[0].removeprefix("# submit:"))
+
+
+def after_dashdash(argv: list[str]) -> list[str]:
+    assert "--" in argv, argv
+    return argv[argv.index("--") + 1:]
+
+
+# --- Ray cluster launcher -------------------------------------------------------------------
+
+
+def test_launcher_passes_ray_validation(launcher):
+    # What `ray up` does (ray.autoscaler._private.commands._bootstrap_config).
+    prepared = prepare_config(copy.deepcopy(launcher))
+    validate_config(prepared)
+    # The local provider turned the ip lists into its single node type: head + 1 worker, both
+    # always up.
+    (node_type,) = prepared["available_node_types"].values()
+    assert node_type["min_workers"] == node_type["max_workers"] == 1
+
+
+@pytest.mark.parametrize("extra, error", [
+    ({"target_utilization_fraction": 0.8}, jsonschema.ValidationError),  # legacy top-level key
+    ({"initial_workers": 1}, jsonschema.ValidationError),  # legacy top-level key
+    ({"not_a_ray_key": True}, jsonschema.ValidationError),
+    ({"available_node_types": {"gpu": {"node_config": {}, "resources": {"GPU": 8}}}},
+     click.ClickException),  # rejected by the on-premise (local) provider
+])
+def test_launcher_validation_is_real(launcher, extra, error):
+    bad = {**copy.deepcopy(launcher), **extra}
+    with pytest.raises(error):
+        validate_config(prepare_config(bad))
+
+
+def test_launcher_two_local_nodes(launcher):
+    provider = launcher["provider"]
+    assert provider["type"] == "local"
+    assert isinstance(provider["head_ip"], str) and provider["head_ip"]
+    assert len(provider["worker_ips"]) == 1
+    assert provider["head_ip"] not in provider["worker_ips"]
+    assert launcher["auth"]["ssh_user"]
+
+
+def test_launcher_installs_the_project_on_each_node(launcher):
+    (remote_dir,) = launcher["file_mounts"]
+    assert remote_dir == "~/frcnn-ray-bench"
+    assert any("pip install -e" in c and remote_dir in c for c in launcher["setup_commands"])
+    # setup_commands run on the head and on the worker.
+    prepared = prepare_config(copy.deepcopy(launcher))
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        assert any("pip install -e" in c for c in prepared[key]), key
+
+
+@pytest.mark.parametrize("key", ["head_start_ray_commands", "worker_start_ray_commands"])
+def test_launcher_start_commands(launcher, key):
+    commands = launcher[key]
+    starts = [c for c in commands if "ray start" in c]
+    assert len(starts) == 1, commands
+    start = starts[0]
+    assert "--num-gpus=8" in start
+    assert ".venv/bin/ray start" in start  # the venv's ray, installed by setup_commands
+    assert any("ray stop" in c for c in commands[:commands.index(start)])
+    if key == "head_start_ray_commands":
+        for flag in ("--head", "--port=6379", "--dashboard-host=0.0.0.0",
+                     "--autoscaling-config=~/ray_bootstrap_config.yaml"):
+            assert flag in start
+    else:
+        assert "--address=$RAY_HEAD_IP:6379" in start
+
+
+def test_launcher_documents_submit_command():
+    argv = submit_command()
+    assert argv[:3] == ["ray", "job", "submit"]
+    assert argv[argv.index("--address") + 1] == "http://<head_ip>:8265"
+    assert argv[argv.index("--working-dir") + 1] == "."
+    entrypoint = after_dashdash(argv)
+    assert entrypoint[:5] == ENTRYPOINT_PREFIX
+    assert entrypoint[entrypoint.index("--data-root") + 1] == f"{SHARED}/coco"
+    assert entrypoint[entrypoint.index("--output-dir") + 1] == f"{SHARED}/frcnn-results"
+
+
+# --- KubeRay RayJob ---------------------------------------------------------------------------
+
+
+def containers(group: dict) -> list[dict]:
+    return group["template"]["spec"]["containers"]
+
+
+def shared_mounts(group: dict) -> list[str]:
+    """Mount paths of the group's first container that come from a PersistentVolumeClaim."""
+    pod = group["template"]["spec"]
+    claims = {v["name"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+    return [m["mountPath"] for m in containers(group)[0].get("volumeMounts", []) if m["name"] in claims]
+
+
+def test_rayjob_kind_and_job_fields(rayjob):
+    assert rayjob["apiVersion"] == "ray.io/v1"
+    assert rayjob["kind"] == "RayJob"
+    assert rayjob["metadata"]["name"]
+    spec = rayjob["spec"]
+    assert shlex.split(spec["entrypoint"])[:5] == ENTRYPOINT_PREFIX
+    assert spec["entrypoint"].startswith("python -m jobs.train --preset a100-2x8")
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert isinstance(runtime_env, dict) and runtime_env["working_dir"]
+
+
+def test_rayjob_cluster_spec(rayjob):
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == "2.58.0"
+    head = cluster["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert containers(head)[0]["name"] and containers(head)[0]["image"]
+
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["groupName"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2
+    assert isinstance(workers["rayStartParams"], dict)
+    worker = containers(workers)[0]
+    assert worker["name"] and worker["image"]
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == 8
+
+    # KubeRay's rayStartParams is map[string]string: a bare number would be refused.
+    for group in (head, workers):
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+
+
+def test_rayjob_shared_volume_in_head_and_workers(rayjob):
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        assert SHARED in shared_mounts(group)
+
+
+# --- both ---------------------------------------------------------------------------------
+
+
+def test_same_entrypoint_in_both(rayjob):
+    assert shlex.split(rayjob["spec"]["entrypoint"]) == after_dashdash(submit_command())
