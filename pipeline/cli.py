@@ -5,6 +5,12 @@ import sys
 
 from pipeline import config as config_module
 from pipeline import synthetic
+from pipeline.manifest import AnnotationError
+from pipeline.model import WeightsError
+from pipeline.preflight import PreflightError
+
+# Problems with what the user gave: one line naming it, no traceback.
+USER_ERRORS = (config_module.ConfigError, AnnotationError, WeightsError, PreflightError, FileExistsError)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -32,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except config_module.ConfigError as e:
+    except USER_ERRORS as e:
         sys.exit(f"frcnn-bench: {e}")
 
 

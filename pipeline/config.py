@@ -1,17 +1,21 @@
 """The run configuration: one typed dataclass whose defaults are the FlagPerf reference recipe.
 
-A preset is a small TOML overlay in `pipeline/presets/` (flat `key = value` lines naming fields
-below); command-line flags go on top. The resolved config is saved in every result.
+A preset is a small TOML overlay in `pipeline/presets/` (`key = value` lines naming fields below;
+`base = "other"` applies another preset first); command-line flags go on top. The resolved
+config is saved in every result.
 """
 
 import argparse
 import dataclasses
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PRESETS = Path(__file__).parent / "presets"
 PRECISIONS = ("fp32", "amp", "bf16")
+PLACEMENTS = ("PACK", "SPREAD")
+# torchvision's recipe: lr 0.02 for 16 images a step (8 GPUs x 2 images).
+REFERENCE_LR, REFERENCE_IMAGES_PER_STEP = 0.02, 16
 
 
 @dataclass(frozen=True)
@@ -27,13 +31,19 @@ class Config:
     output_dir: str = "results"
     run_name: str = ""
     preset: str = ""
-    # Ray: "" follows Ray's rule (RAY_ADDRESS, as `ray job submit` sets it, else the cluster started
-    # on this machine, else a new local one); "local" always starts a fresh local instance.
+    # Ray: "" joins the cluster of RAY_ADDRESS (which `ray job submit` sets) or, without it, starts
+    # a fresh local Ray; any other value goes to ray.init(address=...), e.g. "auto".
     ray_address: str = ""
 
-    # Workers: one per device; 0 runs the loop in the driver process (debugging).
+    # Workers: one per device; 0 runs the loop in the driver process (debugging). `nodes` is how
+    # many nodes the workers need (num_workers / nodes devices each), checked before training;
+    # placement_strategy is Ray Train's (PACK fills a node before the next).
     num_workers: int = 8
     use_gpu: bool = True
+    nodes: int = 1
+    placement_strategy: str = "PACK"
+    # Environment variables of the training worker processes (vendor switches, OMP_NUM_THREADS).
+    worker_env: dict[str, str] = field(default_factory=dict)
 
     # Model: torchvision fasterrcnn_resnet50_fpn, 91 classes, resized in-model to min/max size.
     backbone_weights: str = "imagenet"  # "imagenet" | local path | file:// URL | "none"
@@ -44,8 +54,9 @@ class Config:
     box_batch_size_per_image: int = 512
 
     # Recipe (torchvision references/detection, as FlagPerf runs it). batch_size is per worker.
+    # lr 0 means the linear rule: 0.02 x (batch_size x workers) / 16, see `linear_lr`.
     batch_size: int = 2
-    lr: float = 0.02
+    lr: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_factor: float = 1.0 / 1000
@@ -81,6 +92,10 @@ class Config:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             problems.append(f"num_workers must be 0 or more, got {self.num_workers}")
+        if not 1 <= self.nodes <= max(1, self.num_workers):
+            problems.append(f"nodes must be 1..num_workers, got {self.nodes} for {self.num_workers} workers")
+        if self.placement_strategy not in PLACEMENTS:
+            problems.append(f"placement_strategy must be one of {', '.join(PLACEMENTS)}, got {self.placement_strategy!r}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.clip_grad_norm < 0:
@@ -94,6 +109,12 @@ class ConfigError(ValueError):
     pass
 
 
+def linear_lr(batch_size: int, num_workers: int) -> float:
+    """The linear scaling rule: lr in proportion to the images of one step over all devices,
+    0.02 for 16 (torchvision's recipe, FlagPerf's 1x8 default: 8 x 2)."""
+    return REFERENCE_LR * batch_size * max(1, num_workers) / REFERENCE_IMAGES_PER_STEP
+
+
 def _convert(name: str, value):
     """A TOML or command-line value in the field's type."""
     kind = {f.name: f.type for f in dataclasses.fields(Config)}[name]
@@ -101,6 +122,13 @@ def _convert(name: str, value):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         return tuple(int(v) for v in value)
+    if kind == dict[str, str]:
+        if isinstance(value, str):
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ConfigError(f"{name} must be KEY=VALUE[,KEY=VALUE...], got {value!r}")
+            value = dict(pairs)
+        return {str(k): str(v) for k, v in value.items()}
     if kind is bool and isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
@@ -116,24 +144,29 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> dict:
+    """The preset's fields, over those of its `base` preset if it names one."""
     path = PRESETS / f"{name}.toml"
     if not path.exists():
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
     overlay = tomllib.loads(path.read_text())
+    base = overlay.pop("base", None)
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(overlay) - known)
     if unknown:
         raise ConfigError(f"preset {path} sets unknown fields: {', '.join(unknown)}")
-    return overlay
+    return {**load_preset(base), **overlay} if base else overlay
 
 
 def resolve(preset: str = "", **overrides) -> Config:
-    """Base config, then the preset's overlay, then the overrides; validated."""
+    """Base config, then the preset's overlay, then the overrides; the lr rule; validated."""
     values = {"preset": preset}
     if preset:
         values.update(load_preset(preset))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return Config(**{k: _convert(k, v) for k, v in values.items()}).validate()
+    config = Config(**{k: _convert(k, v) for k, v in values.items()})
+    if config.lr == 0:
+        config = dataclasses.replace(config, lr=linear_lr(config.batch_size, config.num_workers))
+    return config.validate()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,3 +180,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def to_dict(config: Config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+

@@ -1,7 +1,7 @@
 """COCO bbox evaluation with pycocotools: predictions -> AP@[.5:.95] (the row's map), AP50, AP75."""
 
+import builtins
 import contextlib
-import io
 
 import torch
 from pycocotools.coco import COCO
@@ -20,8 +20,20 @@ def coco_detections(image_ids: list[int], outputs: list[dict]) -> list[dict]:
     return detections
 
 
+@contextlib.contextmanager
+def _quiet():
+    """pycocotools prints its progress. Ray Train workers turn print() into log records, which
+    redirect_stdout does not catch, so print itself is swapped out for the duration."""
+    saved = builtins.print
+    builtins.print = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        builtins.print = saved
+
+
 def load_ground_truth(annotation_file: str) -> COCO:
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet():
         return COCO(annotation_file)
 
 
@@ -38,7 +50,7 @@ def coco_map(ground_truth: COCO, detections: list[dict]) -> dict:
     """bbox AP@[.5:.95] as `map`, AP50 and AP75, over every image of the ground truth."""
     if not detections:  # pycocotools' loadRes cannot take an empty list; nothing detected is AP 0
         return {"map": 0.0, "ap50": 0.0, "ap75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet():
         evaluator = COCOeval(ground_truth, ground_truth.loadRes(detections), "bbox")
         evaluator.evaluate()
         evaluator.accumulate()

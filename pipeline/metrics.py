@@ -14,8 +14,8 @@ epochs (one row per epoch per worker): worker, epoch, train_s, eval_s, eval_imag
        same on all workers up to the barrier's skew; the slowest worker's figure counts.
        train_s: the epoch's training phase. eval_s: from the end of training to the end of
        the epoch (inference, gathering, COCOeval, the stop decision).
-workers (one row per worker): worker, node, node_ip, device, mem_peak_bytes,
-       mem_total_bytes, mem_kind.
+workers (one row per worker): worker, node (Ray's node id), node_ip, node_rank (Ray
+       Train's, by IP), device, mem_peak_bytes, mem_total_bytes, mem_kind.
 """
 
 from collections import defaultdict
@@ -105,7 +105,8 @@ def per_worker(steps: dict, epochs: dict, workers: dict) -> list[dict]:
         compute = sum(steps["compute_s"][j] for j in mine)
         train = sum(s for w, s in zip(epochs["worker"], epochs["train_s"]) if w == worker)
         rows.append({
-            "worker": worker, "node": workers["node"][i], "steps": len(mine), "images": images,
+            "worker": worker, "node": workers["node"][i], "node_ip": workers["node_ip"][i],
+            "node_rank": workers["node_rank"][i], "steps": len(mine), "images": images,
             "data_wait_s": data_wait, "compute_s": compute, "train_s": train,
             "images_per_s": images / train if train else 0.0,
             "core_images_per_s": images / compute if compute else 0.0,
@@ -115,14 +116,16 @@ def per_worker(steps: dict, epochs: dict, workers: dict) -> list[dict]:
 
 
 def per_node(worker_rows: list[dict]) -> list[dict]:
-    """The per-worker rows summed by node."""
-    nodes = defaultdict(lambda: {"workers": 0, "images": 0, "data_wait_s": 0.0, "compute_s": 0.0})
-    for row in worker_rows:
-        node = nodes[row["node"]]
+    """The per-worker rows summed by node, in node-rank order."""
+    nodes = {}
+    for row in sorted(worker_rows, key=lambda r: (r["node_rank"], r["worker"])):
+        node = nodes.setdefault(row["node"], {"node": row["node"], "node_ip": row["node_ip"],
+                                              "node_rank": row["node_rank"], "workers": 0, "images": 0,
+                                              "data_wait_s": 0.0, "compute_s": 0.0})
         node["workers"] += 1
         for key in ("images", "data_wait_s", "compute_s"):
             node[key] += row[key]
-    return [{"node": n, **v} for n, v in sorted(nodes.items())]
+    return list(nodes.values())
 
 
 def figures(steps: dict, epochs: dict, workers: dict) -> dict:

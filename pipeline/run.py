@@ -15,12 +15,9 @@ from ray.train.torch import TorchTrainer
 from pipeline import data, metrics, results, synthetic
 from pipeline.config import Config, to_dict
 from pipeline.manifest import build_manifest, split_paths
+from pipeline.preflight import PreflightError, check_nodes_see, check_resources
 from pipeline.reporting import ReportingActor
 from pipeline.train_loop import train_loop_per_worker
-
-
-class PreflightError(RuntimeError):
-    pass
 
 
 def process_start_time() -> float:
@@ -43,28 +40,16 @@ def prepare_data(config: Config) -> Path:
 def connect(config: Config) -> None:
     if ray.is_initialized():
         return
-    if config.ray_address == "local":
-        # Each Train worker holds one logical CPU; leave at least two for Ray Data's decoding,
-        # or the stream waits forever for a CPU on a small machine.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, config.num_workers + 2))
-    else:
+    if config.ray_address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=config.ray_address or None)
-
-
-def preflight(config: Config) -> None:
-    """Fail now, saying what is missing, rather than wait forever for resources that do not exist."""
-    resources = ray.cluster_resources()
-    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
-    if config.use_gpu and config.num_workers and gpus < config.num_workers:
-        raise PreflightError(f"{config.num_workers} GPU workers asked for; the cluster has {gpus:g} GPUs "
-                             f"and {cpus:g} CPUs (use --use-gpu false to train on CPUs)")
-    if not config.use_gpu and cpus < config.num_workers + 1:
-        raise PreflightError(f"{config.num_workers} CPU workers need {config.num_workers + 1} CPUs "
-                             f"(one each, and one at least for Ray Data); the cluster has {cpus:g}")
+    else:
+        # A fresh local Ray. Each Train worker holds one logical CPU; leave at least two for Ray
+        # Data's decoding, or the stream waits forever for a CPU on a small machine.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, config.num_workers + 2))
 
 
 def config_label(workers: dict) -> str:
-    """FlagPerf's "<nodes>x<devices per node>" from where the workers actually ran."""
+    """FlagPerf's "<nodes>x<devices per node>" from where the workers actually ran (node ids)."""
     per_node = {}
     for node in workers["node"]:
         per_node[node] = per_node.get(node, 0) + 1
@@ -75,6 +60,8 @@ def run(config: Config) -> dict:
     process_start = process_start_time()
     run_name = config.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(config.output_dir).resolve() / run_name
+    connect(config)
+    check_resources(config)
     root = prepare_data(config)
     train_manifest, train_stats = build_manifest(*split_paths(root, "train"), drop_empty=True)
     val_manifest, val_stats = build_manifest(*split_paths(root, "val"), drop_empty=False)
@@ -84,16 +71,17 @@ def run(config: Config) -> dict:
                              f"and {val_manifest.num_rows} val images under {root}: too few for {world} workers")
     # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
     steps_per_epoch = math.ceil(train_manifest.num_rows // world / config.batch_size)
-
-    connect(config)
-    preflight(config)
+    annotations, images = zip(*(split_paths(root, split) for split in ("train", "val")))
+    check_nodes_see([p.resolve() for p in (*annotations, *images)], run_dir.parent)
     reporter = ReportingActor.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config, "reporter": reporter, "steps_per_epoch": steps_per_epoch,
                            "val_annotations": str(split_paths(root, "val")[0].resolve())},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
-        run_config=RunConfig(name=run_name, storage_path=str(run_dir.parent)),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     placement_strategy=config.placement_strategy),
+        run_config=RunConfig(name=run_name, storage_path=str(run_dir.parent),
+                             worker_runtime_env={"env_vars": config.worker_env}),
         datasets={"train": data.train_dataset(train_manifest, config.seed, config.decode_batch_size),
                   "val": data.val_dataset(val_manifest, config.decode_batch_size)},
         dataset_config=data.ShardingConfig(),

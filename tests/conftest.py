@@ -1,5 +1,7 @@
-"""Shared fixtures: synthetic data sets and a real Ray head on 127.0.0.1, stopped by the test."""
+"""Shared fixtures: synthetic data sets and a real Ray head started with --node-ip-address
+127.0.0.1 (Ray 2.58 advertises the machine's own address for it), stopped by the test."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,6 +15,11 @@ import pytest
 from pipeline import synthetic
 
 RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def venv_env(**extra) -> dict:
+    """This environment with the test's virtualenv first on PATH: a job's `python` is then it."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
 
 
 def free_port() -> int:
@@ -38,7 +45,7 @@ class RayHead:
              "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
              "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
              "--num-cpus", str(num_cpus), "--disable-usage-stats"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=venv_env())
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 90) -> None:
@@ -54,14 +61,30 @@ class RayHead:
         raise RuntimeError(f"Ray head at {self.address} not ready in {timeout} s; see {self.log.name}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        """SIGTERM to every process of the head's session (its own, from start_new_session); what
+        is left after 10 s gets SIGKILL (Ray's graceful drain can take 30 s). Returns when none
+        is left."""
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+            deadline = time.time() + wait
+            for pid in session_pids(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            while session_pids(self.process.pid) and time.time() < deadline:
+                self.process.poll()  # reaps the session leader, which otherwise stays a zombie
+                time.sleep(0.2)
+        self.process.wait()
         self.log.close()
+
+
+def session_pids(session: int) -> list[int]:
+    """Live processes of a session, from /proc (field 6 of /proc/<pid>/stat; zombies excluded)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == session and fields[0] != "Z":
+                pids.append(int(stat.parent.name))
+    return pids
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ WORKERS = {
     "worker": [0, 1],
     "node": ["a", "b"],
     "node_ip": ["10.0.0.1", "10.0.0.2"],
+    "node_rank": [0, 1],
     "device": ["NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-40GB"],
     "mem_peak_bytes": [5 * GIB, int(7.9 * GIB)],
     "mem_total_bytes": [40 * GIB, 40 * GIB],
@@ -78,6 +79,7 @@ def test_memory_on_cpu_names_its_kind():
 def test_per_worker_shows_the_straggler():
     fast, slow = metrics.per_worker(STEPS, EPOCHS, WORKERS)
     assert fast["worker"] == 0 and fast["node"] == "a" and fast["steps"] == 3
+    assert fast["node_ip"] == "10.0.0.1" and fast["node_rank"] == 0
     assert fast["images"] == 6
     assert fast["data_wait_s"] == 0.75
     assert fast["compute_s"] == 1.5
@@ -94,15 +96,17 @@ def test_per_worker_shows_the_straggler():
     assert slow["core_images_per_s"] == 6 / 3.0
 
 
-def test_per_node_sums_workers_by_node():
+def test_per_node_sums_workers_by_node_in_rank_order():
+    b = {"node": "b", "node_ip": "10.0.0.2", "node_rank": 1}
+    a = {"node": "a", "node_ip": "10.0.0.1", "node_rank": 0}
     rows = [
-        {"node": "b", "images": 4, "data_wait_s": 0.5, "compute_s": 2.0},
-        {"node": "a", "images": 6, "data_wait_s": 0.25, "compute_s": 1.0},
-        {"node": "b", "images": 2, "data_wait_s": 0.75, "compute_s": 1.5},
+        {**b, "worker": 0, "images": 4, "data_wait_s": 0.5, "compute_s": 2.0},
+        {**a, "worker": 1, "images": 6, "data_wait_s": 0.25, "compute_s": 1.0},
+        {**b, "worker": 2, "images": 2, "data_wait_s": 0.75, "compute_s": 1.5},
     ]
     assert metrics.per_node(rows) == [
-        {"node": "a", "workers": 1, "images": 6, "data_wait_s": 0.25, "compute_s": 1.0},
-        {"node": "b", "workers": 2, "images": 4 + 2, "data_wait_s": 0.5 + 0.75, "compute_s": 2.0 + 1.5},
+        {**a, "workers": 1, "images": 6, "data_wait_s": 0.25, "compute_s": 1.0},
+        {**b, "workers": 2, "images": 4 + 2, "data_wait_s": 0.5 + 0.75, "compute_s": 2.0 + 1.5},
     ]
 
 
@@ -117,8 +121,10 @@ def test_figures_collects_everything():
     assert figures["mem"] == "7.9/40.0"
     assert [row["worker"] for row in figures["per_worker"]] == [0, 1]
     assert figures["per_node"] == [
-        {"node": "a", "workers": 1, "images": 6, "data_wait_s": 0.75, "compute_s": 1.5},
-        {"node": "b", "workers": 1, "images": 6, "data_wait_s": 1.5, "compute_s": 3.0},
+        {"node": "a", "node_ip": "10.0.0.1", "node_rank": 0, "workers": 1, "images": 6, "data_wait_s": 0.75,
+         "compute_s": 1.5},
+        {"node": "b", "node_ip": "10.0.0.2", "node_rank": 1, "workers": 1, "images": 6, "data_wait_s": 1.5,
+         "compute_s": 3.0},
     ]
 
 

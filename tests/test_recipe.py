@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline import recipe
-from pipeline.config import Config, ConfigError, resolve
+from pipeline.config import Config
 
 CPU = torch.device("cpu")
 
@@ -79,56 +79,3 @@ def test_amp_and_bf16_on_cpu_autocast_to_bfloat16(precision):
 @pytest.mark.parametrize("precision", ["fp32", "amp", "bf16"])
 def test_no_grad_scaler_on_cpu(precision):
     assert not recipe.grad_scaler(precision, CPU).is_enabled()
-
-
-def test_resolve_applies_preset_then_overrides():
-    config = resolve("demo", num_workers="4", lr_steps="16,22", use_gpu="false", max_epochs=None)
-    # From the demo preset.
-    assert config.preset == "demo"
-    assert config.data_root == "data/synthetic"
-    assert config.backbone_weights == "none"
-    assert config.lr == 0.01
-    assert config.max_epochs == 8
-    assert config.clip_grad_norm == 10.0
-    # The overrides, converted to the fields' types, win over the preset.
-    assert config.num_workers == 4
-    assert config.lr_steps == (16, 22)
-    assert config.use_gpu is False
-    # Fields neither sets keep the reference defaults.
-    assert config.momentum == 0.9
-    assert config.warmup_iters == 1000
-
-
-def test_resolve_converts_strings():
-    config = resolve(batch_size="8", lr="0.16", use_gpu="true", lr_steps="7", precision="amp")
-    assert config.batch_size == 8
-    assert config.lr == 0.16
-    assert config.use_gpu is True
-    assert config.lr_steps == (7,)
-    assert config.precision == "amp"
-    assert resolve(use_gpu="false").use_gpu is False
-
-
-def test_demo_preset_lists_are_tuples():
-    assert resolve("demo").lr_steps == (7,)
-
-
-def test_unknown_preset_lists_presets():
-    with pytest.raises(ConfigError, match=r"unknown preset 'nope'; presets: .*demo"):
-        resolve("nope")
-
-
-def test_fp16_is_refused_pointing_to_amp():
-    with pytest.raises(ConfigError, match="amp"):
-        resolve(precision="fp16")
-
-
-def test_invalid_values_are_refused():
-    with pytest.raises(ConfigError, match="batch_size must be at least 1, got 0"):
-        resolve(batch_size="0")
-    with pytest.raises(ConfigError, match="lr must be positive, got -0.1"):
-        resolve(lr="-0.1")
-    with pytest.raises(ConfigError, match="batch_size must be a int, got 'two'"):
-        resolve(batch_size="two")
-    with pytest.raises(ConfigError, match="use_gpu must be true or false"):
-        resolve(use_gpu="maybe")

@@ -1,0 +1,77 @@
+"""Checks before training, each failing within seconds with what is missing and what exists:
+the cluster has the devices and CPUs the config asks for, and every node sees the data set
+and the run's storage."""
+
+import os
+import uuid
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from pipeline.config import Config
+
+CHECK_TIMEOUT_S = 120
+
+
+class PreflightError(RuntimeError):
+    pass
+
+
+def _describe(nodes: list[dict]) -> str:
+    return "; ".join(f"node {n['NodeManagerAddress']}: {n['Resources'].get('GPU', 0):g} GPUs, "
+                     f"{n['Resources'].get('CPU', 0):g} CPUs" for n in nodes)
+
+
+def alive_nodes() -> list[dict]:
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
+def check_resources(config: Config) -> None:
+    """Enough GPUs (per node, for multi-node presets) or CPUs, and a CPU left for Ray Data."""
+    nodes = alive_nodes()
+    workers = max(1, config.num_workers)
+    cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    if config.use_gpu:
+        per_node = -(-workers // config.nodes)
+        fitting = [n for n in nodes if n["Resources"].get("GPU", 0) >= per_node]
+        if len(fitting) < config.nodes:
+            raise PreflightError(f"{workers} GPU workers on {config.nodes} node(s) need {config.nodes} node(s) "
+                                 f"with {per_node} GPUs each; the cluster has {_describe(nodes)}")
+        if cpus < workers + 1:
+            raise PreflightError(f"{workers} GPU workers take a CPU each and Ray Data needs one more; "
+                                 f"the cluster has {_describe(nodes)}")
+    elif cpus < workers + 1:
+        raise PreflightError(f"{workers} CPU workers take a CPU each and Ray Data needs one more; "
+                             f"the cluster has {_describe(nodes)}")
+
+
+@ray.remote(num_cpus=0)
+def _missing_paths(paths: list[str], marker: str) -> list[str]:
+    missing = [p for p in paths if not os.path.exists(p)]
+    if not os.path.exists(marker):
+        missing.append(f"{marker} (written by the driver, not visible here: storage not shared)")
+    return missing
+
+
+def check_nodes_see(paths: list[Path], storage: Path) -> None:
+    """Every node must see the data set's paths and the run's storage directory (a marker the
+    driver writes there must be readable on every node): Ray Data may decode on any node and
+    Ray Train writes checkpoints from every worker."""
+    nodes = alive_nodes()
+    storage.mkdir(parents=True, exist_ok=True)
+    marker = storage / f".preflight-{uuid.uuid4().hex}"
+    marker.touch()
+    refs = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": _missing_paths.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+        [str(p) for p in paths], str(marker)) for n in nodes}
+    try:
+        answers = dict(zip(refs, ray.get(list(refs.values()), timeout=CHECK_TIMEOUT_S)))
+    except ray.exceptions.GetTimeoutError:
+        raise PreflightError(f"nodes did not answer the data and storage check in {CHECK_TIMEOUT_S} s") from None
+    finally:
+        marker.unlink()
+    problems = [f"node {node} lacks {', '.join(missing)}" for node, missing in answers.items() if missing]
+    if problems:
+        raise PreflightError("; ".join(problems))
+
