@@ -96,9 +96,9 @@ def memory(workers: dict) -> dict:
 
 
 def per_worker(steps: dict, epochs: dict, workers: dict) -> list[dict]:
-    """One row per worker, so that stragglers show."""
+    """One row per worker, in rank order, so that stragglers show."""
     rows = []
-    for i, worker in enumerate(workers["worker"]):
+    for i, worker in sorted(enumerate(workers["worker"]), key=lambda item: item[1]):
         mine = [j for j, w in enumerate(steps["worker"]) if w == worker]
         images = sum(steps["images"][j] for j in mine)
         data_wait = sum(steps["data_wait_s"][j] for j in mine)
