@@ -15,7 +15,8 @@ epochs (one row per epoch per worker): worker, epoch, train_s, eval_s, eval_imag
        train_s: the epoch's training phase. eval_s: from the end of training to the end of
        the epoch (inference, gathering, COCOeval, the stop decision).
 workers (one row per worker): worker, node (Ray's node id), node_ip, node_rank (Ray
-       Train's, by IP), device, mem_peak_bytes, mem_total_bytes, mem_kind.
+       Train's, by IP), device, mem_peak_bytes, mem_total_bytes, mem_kind, env (the
+       configured worker_env as the worker process had it).
 """
 
 from collections import defaultdict

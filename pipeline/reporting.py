@@ -9,7 +9,8 @@ from pipeline import metrics
 
 STEP_COLUMNS = ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss", "lr", "start", "end")
 EPOCH_COLUMNS = ("worker", "epoch", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75")
-WORKER_COLUMNS = ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind")
+WORKER_COLUMNS = ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind",
+                  "env")
 
 
 def _columns(names) -> dict:

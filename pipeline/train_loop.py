@@ -169,6 +169,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if scores["map"] >= config.target_map:
             break
 
-    ray.get(reporter.add_worker.remote({"worker": rank, "node": ray.get_runtime_context().get_node_id(),
-                                        "node_ip": ray.util.get_node_ip_address(),
-                                        "node_rank": context.get_node_rank(), **memory_record(device)}))
+    ray.get(reporter.add_worker.remote({
+        "worker": rank, "node": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+        "node_rank": context.get_node_rank(), **memory_record(device),
+        # The configured environment as this process actually had it.
+        "env": {name: os.environ.get(name) for name in config.worker_env}}))

@@ -37,6 +37,7 @@ WORKERS = {
     "mem_peak_bytes": [5 * GIB, int(7.9 * GIB)],
     "mem_total_bytes": [40 * GIB, 40 * GIB],
     "mem_kind": ["cuda", "cuda"],
+    "env": [{"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "1"}],
 }
 
 

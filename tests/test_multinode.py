@@ -27,8 +27,8 @@ def two_nodes():
         cluster.shutdown()
 
 
-def test_one_worker_per_node_gives_node_ranks_and_per_node_rows(two_nodes, tiny_coco, tmp_path):
-    config = resolve("smoke", data_root=str(tiny_coco), output_dir=str(tmp_path), run_name="two-nodes",
+def test_one_worker_per_node_gives_node_ranks_and_per_node_rows(two_nodes, tmp_path):
+    config = resolve("smoke", data_root=str(tmp_path / "data"), output_dir=str(tmp_path), run_name="two-nodes",
                      placement_strategy="SPREAD", nodes=2)
     result = run(config)
     saved = json.loads((tmp_path / "two-nodes" / "result.json").read_text())

@@ -24,8 +24,8 @@ def test_two_node_preset_names_what_is_missing(ray_head, tiny_coco, tmp_path):
         run(config)
 
 
-def test_too_many_cpu_workers_fail_instead_of_waiting(ray_head, tiny_coco, tmp_path):
-    config = resolve("smoke", num_workers=5, data_root=str(tiny_coco), output_dir=str(tmp_path),
+def test_too_many_cpu_workers_fail_instead_of_waiting(ray_head, tmp_path):
+    config = resolve("smoke", num_workers=5, data_root=str(tmp_path / "data"), output_dir=str(tmp_path),
                      ray_address=ray_head.address)
     with pytest.raises(PreflightError, match="5 CPU workers take a CPU each and Ray Data needs one more"):
         run(config)

@@ -31,7 +31,8 @@ def test_every_val_image_evaluated_exactly_once(ray_head, tiny_coco, tmp_path, w
 
 
 def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
-    result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=2, max_epochs=2, run_name="e2e"))
+    result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=2, max_epochs=2, run_name="e2e",
+                             worker_env="FRCNN_PROBE=on"))
     run_dir = tmp_path / "e2e"
     assert result["run_dir"] == str(run_dir)
     saved = json.loads((run_dir / "result.json").read_text())
@@ -52,6 +53,7 @@ def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
 
     # Every figure recomputed from the raw logs equals the one in result.json.
     records = results.load_records(run_dir)
+    assert records["workers"]["env"] == [{"FRCNN_PROBE": "on"}] * 2  # reached the worker processes
     recomputed = metrics.figures(records["steps"], records["epochs"], records["workers"])
     assert recomputed == {key: saved[key] for key in recomputed}
     assert len(records["steps"]["worker"]) == 2 * 2 * saved["steps_per_epoch"]
