@@ -13,7 +13,7 @@ ROW_COLUMNS = ("config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train"
 
 def _number(value: float) -> str:
     """Throughput with three significant digits, so CPU runs (0.8 images/s) keep theirs too."""
-    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+    return f"{value:.0f}" if value >= 100 else f"{value:#.3g}"
 
 
 def flagperf_row(result: dict) -> dict:
