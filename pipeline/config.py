@@ -73,6 +73,8 @@ class Config:
     # The row's fix_hp column: hyper-parameters changed from the reference, e.g. "bs=16,lr=0.16".
     fix_hp: str = "/"
 
+    # Aspect-ratio grouping of training batches (torchvision's reference default 3; 0 is off).
+    aspect_group_factor: int = 3
     # Images per Ray Data decode task batch; batches prefetched by each worker.
     decode_batch_size: int = 8
     prefetch_batches: int = 4

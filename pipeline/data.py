@@ -18,6 +18,9 @@ from torchvision.io import ImageReadMode, decode_image
 # Manifest rows per block: enough blocks for parallel decoding, few enough for a cheap shuffle.
 ROWS_PER_BLOCK = 64
 MAX_BLOCKS = 256
+# Shuffled rows reordered together by aspect group: long enough for runs of one group, short
+# enough that the order stays random at the scale of an epoch.
+GROUP_WINDOW = 64
 
 
 def read_image(path: str) -> np.ndarray:
@@ -54,15 +57,33 @@ def random_flip(batch: dict, probability: float = 0.5) -> dict:
     return {**batch, "image": images, "boxes": boxes}
 
 
+def aspect_group(width: np.ndarray, height: np.ndarray, factor: int) -> np.ndarray:
+    """torchvision's aspect-ratio groups: width/height quantised on the bins
+    2 ** linspace(-1, 1, 2 * factor + 1), giving 2 * factor + 2 groups."""
+    bins = 2.0 ** np.linspace(-1, 1, 2 * factor + 1)
+    return np.digitize(np.asarray(width, dtype=np.float64) / np.asarray(height, dtype=np.float64), bins)
+
+
+def group_by_aspect(batch: dict, factor: int) -> dict:
+    """Reorder a window of shuffled rows so that rows of one aspect group are consecutive
+    (stable, so the order inside a group stays random): batches taken in order then mostly
+    hold images of one shape, and the model pads them less."""
+    order = np.argsort(aspect_group(batch["width"], batch["height"], factor), kind="stable")
+    return {name: column[order] for name, column in batch.items()}
+
+
 def _blocks(manifest: pa.Table) -> ray.data.Dataset:
     count = min(MAX_BLOCKS, max(1, math.ceil(manifest.num_rows / ROWS_PER_BLOCK)))
     size = math.ceil(manifest.num_rows / count)
     return ray.data.from_arrow([manifest.slice(i * size, size) for i in range(count)])
 
 
-def train_dataset(manifest: pa.Table, seed: int, decode_batch_size: int) -> ray.data.Dataset:
-    return (_blocks(manifest)
-            .random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+def train_dataset(manifest: pa.Table, seed: int, decode_batch_size: int, aspect_group_factor: int) -> ray.data.Dataset:
+    shuffled = _blocks(manifest).random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    if aspect_group_factor > 0:
+        shuffled = shuffled.map_batches(group_by_aspect, batch_size=GROUP_WINDOW, batch_format="numpy",
+                                        fn_kwargs={"factor": aspect_group_factor})
+    return (shuffled
             .map_batches(decode_batch, batch_size=decode_batch_size)
             .map_batches(random_flip, batch_size=decode_batch_size))
 
@@ -85,10 +106,13 @@ class ShardingConfig(DataConfig):
         return [{"val": split} for split in splits]
 
 
-def to_tensors(batch: dict) -> tuple[list[int], list[torch.Tensor], list[dict]]:
-    """A numpy batch from the stream -> image ids, uint8 CHW image tensors and targets, on the CPU
-    (without copies: the tensors share the batch's memory)."""
+def to_tensors(batch: dict, pin: bool = False) -> tuple[list[int], list[torch.Tensor], list[dict]]:
+    """A numpy batch from the stream -> image ids, uint8 CHW image tensors and targets, on the CPU,
+    sharing the batch's memory; or, with `pin`, copied to pinned memory so that the copy to the
+    GPU can run asynchronously."""
     images = [torch.from_numpy(image) for image in batch["image"]]
+    if pin:
+        images = [image.pin_memory() for image in images]
     targets = [{"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels)}
                for boxes, labels in zip(batch["boxes"], batch["labels"])]
     return [int(i) for i in batch["image_id"]], images, targets

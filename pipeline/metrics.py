@@ -4,7 +4,8 @@ Inputs are columns (dict of equal-length lists), as the reporting actor gathers 
 the run's raw logs store them, so the row can be recomputed from the logs:
 
 steps  (one row per training step per worker): worker, epoch, step, images, data_wait_s,
-       compute_s, loss, lr, start, end.
+       compute_s, loss, lr, start, end (unix times), image_pixels (of the resized images)
+       and batch_pixels (of the padded tensor the model's transform made of them).
        data_wait_s: waiting for the next batch from Ray Data and making tensors of it.
        compute_s: device copy + forward + backward + optimizer step, ended by a device
        synchronisation on accelerators so that queued work is counted where it belongs.
@@ -70,6 +71,22 @@ def p_core(steps: dict) -> float:
     p_core >= p_train >= p_whole holds by construction: every step's compute lies inside its
     worker's training phase, and evaluation time is never negative."""
     return images_trained(steps) / compute_time(steps)
+
+
+def data_wait_share(steps: dict) -> float:
+    """Share of step time spent waiting for data: Σ data_wait_s / Σ (data_wait_s + compute_s)."""
+    waiting = sum(steps["data_wait_s"])
+    return waiting / (waiting + sum(steps["compute_s"]))
+
+
+def padding_share(steps: dict) -> float:
+    """Share of the batch tensors' pixels that are padding: 1 - Σ image_pixels / Σ batch_pixels."""
+    return 1 - sum(steps["image_pixels"]) / sum(steps["batch_pixels"])
+
+
+def init_time(steps: dict, process_start: float) -> float:
+    """Seconds from the driver process's start to the first training step's start on any worker."""
+    return min(steps["start"]) - process_start
 
 
 def loss_per_epoch(steps: dict) -> list[float]:
@@ -140,6 +157,8 @@ def figures(steps: dict, epochs: dict, workers: dict) -> dict:
         "p_whole": p_whole(steps, epochs),
         "p_train": p_train(steps, epochs),
         "p_core": p_core(steps),
+        "data_wait_share": data_wait_share(steps),
+        "padding_share": padding_share(steps),
         "loss_per_epoch": loss_per_epoch(steps),
         **memory(workers),
         "per_worker": workers_table,

@@ -7,7 +7,8 @@ import ray
 
 from pipeline import metrics
 
-STEP_COLUMNS = ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss", "lr", "start", "end")
+STEP_COLUMNS = ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss", "lr", "start", "end",
+                "image_pixels", "batch_pixels")
 EPOCH_COLUMNS = ("worker", "epoch", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75")
 WORKER_COLUMNS = ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind",
                   "env")
@@ -52,8 +53,9 @@ class StepLog:
         self.rows: list[tuple] = []
 
     def add(self, epoch: int, step: int, images: int, data_wait_s: float, compute_s: float,
-            loss: float, lr: float, start: float) -> None:
-        self.rows.append((self.worker, epoch, step, images, data_wait_s, compute_s, loss, lr, start, time.time()))
+            loss: float, lr: float, start: float, image_pixels: int, batch_pixels: int) -> None:
+        self.rows.append((self.worker, epoch, step, images, data_wait_s, compute_s, loss, lr, start, time.time(),
+                          image_pixels, batch_pixels))
         if len(self.rows) >= self.flush_every:
             self.flush()
 

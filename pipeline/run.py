@@ -82,7 +82,8 @@ def run(config: Config) -> dict:
                                      placement_strategy=config.placement_strategy),
         run_config=RunConfig(name=run_name, storage_path=str(run_dir.parent),
                              worker_runtime_env={"env_vars": config.worker_env}),
-        datasets={"train": data.train_dataset(train_manifest, config.seed, config.decode_batch_size),
+        datasets={"train": data.train_dataset(train_manifest, config.seed, config.decode_batch_size,
+                                              config.aspect_group_factor),
                   "val": data.val_dataset(val_manifest, config.decode_batch_size)},
         dataset_config=data.ShardingConfig(),
     )
@@ -103,6 +104,8 @@ def run(config: Config) -> dict:
         "epochs": len(rank0),
         "converged": epochs["map"][final] >= config.target_map,
         **figures,
+        "process_start": process_start,
+        "init_time": metrics.init_time(records["steps"], process_start),
         "steps_per_epoch": steps_per_epoch,
         "data": {"root": str(root.resolve()), "train": train_stats.__dict__, "val": val_stats.__dict__},
         "workers": len(records["workers"]["worker"]),

@@ -44,6 +44,7 @@ class SyntheticSpec:
     val_images: int = 16
     num_categories: int = 4
     image_size: int = 160
+    min_objects: int = 1
     max_objects: int = 3
     crowd_fraction: float = 0.05
     empty_fraction: float = 0.05
@@ -126,10 +127,13 @@ def make_image(spec: SyntheticSpec, split: str, index: int, categories: list[int
     draw = ImageDraw.Draw(image)
     annotations, taken = [], []
     if rng.random() >= spec.empty_fraction:
-        for _ in range(rng.integers(1, spec.max_objects + 1)):
+        count = rng.integers(spec.min_objects, spec.max_objects + 1)
+        shrink = min(1.0, (3 / count) ** 0.5)  # many objects are smaller ones, so that they fit
+        for _ in range(count):
             category_id = int(rng.choice(categories))
             crowd = rng.random() < spec.crowd_fraction
-            box = _place(rng, width, height, 0.35 if crowd else 0.2, 0.6 if crowd else 0.45, taken)
+            lo, hi = (0.35, 0.6) if crowd else (0.2, 0.45)
+            box = _place(rng, width, height, lo * shrink, hi * shrink, taken)
             if box is None:
                 continue
             taken.append(box)

@@ -48,8 +48,23 @@ def _to_device(images, targets, device):
     return images, targets
 
 
+class PaddingProbe:
+    """Reads the batch the model's transform builds (resized images padded to one tensor): the
+    pixels of the images and of the padded tensor, for the padding share."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.image_pixels = self.batch_pixels = 0
+        _unwrap(model).transform.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output) -> None:
+        images = output[0]
+        count, _, height, width = images.tensors.shape
+        self.batch_pixels = count * height * width
+        self.image_pixels = sum(h * w for h, w in images.image_sizes)
+
+
 def train_one_epoch(model, optimizer, scaler, shard, config: Config, epoch: int, steps_per_epoch: int,
-                    device: torch.device, log: StepLog, rank: int) -> None:
+                    device: torch.device, log: StepLog, rank: int, padding: PaddingProbe) -> None:
     model.train()
     batches = iter(shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                       prefetch_batches=config.prefetch_batches))
@@ -59,7 +74,7 @@ def train_one_epoch(model, optimizer, scaler, shard, config: Config, epoch: int,
         batch = next(batches, None)
         if batch is None:
             break
-        _, images, targets = to_tensors(batch)
+        _, images, targets = to_tensors(batch, pin=device.type == "cuda")
         compute_start = time.perf_counter()
         lr = recipe.learning_rate(config, epoch, step, steps_per_epoch)
         for group in optimizer.param_groups:
@@ -79,7 +94,8 @@ def train_one_epoch(model, optimizer, scaler, shard, config: Config, epoch: int,
         end = time.perf_counter()
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(f"loss is {loss_value} at epoch {epoch} step {step} on worker {rank}")
-        log.add(epoch, step, len(images), compute_start - wait_start, end - compute_start, loss_value, lr, start)
+        log.add(epoch, step, len(images), compute_start - wait_start, end - compute_start, loss_value, lr, start,
+                padding.image_pixels, padding.batch_pixels)
         step += 1
     if step != steps_per_epoch:
         raise RuntimeError(f"worker {rank} got {step} training batches in epoch {epoch}, expected {steps_per_epoch}")
@@ -94,7 +110,7 @@ def infer_shard(model, shard, config: Config, device: torch.device) -> tuple[lis
     seen, detections = [], []
     for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                     prefetch_batches=config.prefetch_batches):
-        image_ids, images, targets = to_tensors(batch)
+        image_ids, images, targets = to_tensors(batch, pin=device.type == "cuda")
         images, _ = _to_device(images, targets, device)
         outputs = model(images)
         seen += image_ids
@@ -152,11 +168,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     ground_truth = evaluation.load_ground_truth(loop_config["val_annotations"]) if rank == 0 else None
     log = StepLog(reporter, rank)
+    padding = PaddingProbe(model)
 
     for epoch in range(config.max_epochs):
         _barrier(device)
         start = time.perf_counter()
-        train_one_epoch(model, optimizer, scaler, train_shard, config, epoch, steps_per_epoch, device, log, rank)
+        train_one_epoch(model, optimizer, scaler, train_shard, config, epoch, steps_per_epoch, device, log, rank,
+                        padding)
         _sync(device)
         _barrier(device)
         train_end = time.perf_counter()

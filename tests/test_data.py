@@ -28,6 +28,21 @@ def test_flip_moves_the_object_with_its_box(tmp_path):
     np.testing.assert_array_equal(unflipped["image"][0], image)
 
 
+def test_aspect_groups_as_torchvision():
+    # factor 3: bins 2 ** linspace(-1, 1, 7) = 0.5, 0.63, 0.79, 1, 1.26, 1.59, 2
+    widths, heights = np.array([640, 480, 500, 1000, 100, 300]), np.array([480, 640, 500, 400, 300, 1000])
+    assert data.aspect_group(widths, heights, 3).tolist() == [5, 2, 4, 7, 0, 0]
+
+
+def test_group_by_aspect_makes_runs_and_keeps_order_within_a_group():
+    widths = np.array([640, 480, 640, 480, 640, 500])
+    heights = np.array([480, 640, 480, 640, 480, 500])
+    batch = {"image_id": np.arange(6), "width": widths, "height": heights}
+    grouped = data.group_by_aspect(batch, factor=3)
+    assert grouped["image_id"].tolist() == [1, 3, 5, 0, 2, 4]  # portrait, square, landscape
+    assert grouped["width"].tolist() == [480, 480, 500, 640, 640, 640]
+
+
 def test_decode_batch_reads_real_jpegs(tiny_coco):
     files = sorted((tiny_coco / "val2017").glob("*.jpg"))[:2]
     batch = {"image_id": np.array([1, 2]), "path": np.array([str(f) for f in files], dtype=object),
@@ -50,7 +65,7 @@ def test_ray_data_stream_keeps_sizes_and_reshuffles(ray_head, tiny_coco):
                          "width": [sizes[i][0] for i in sizes], "height": [sizes[i][1] for i in sizes],
                          "boxes": [[0, 0, 4, 4] * (i % 3) for i in sizes], "labels": [[1] * (i % 3) for i in sizes]},
                         schema=SCHEMA)
-    stream = data.train_dataset(manifest, seed=0, decode_batch_size=2)
+    stream = data.train_dataset(manifest, seed=0, decode_batch_size=2, aspect_group_factor=3)
     orders = []
     for _ in range(3):
         order = []

@@ -17,6 +17,8 @@ STEPS = {
     "lr": [0.01, 0.01, 0.01, 0.01, 0.01, 0.01],
     "start": [100.0, 101.0, 105.0, 100.0, 102.0, 106.0],
     "end": [101.0, 102.0, 106.0, 102.0, 104.0, 108.0],
+    "image_pixels": [300, 400, 400, 300, 200, 400],
+    "batch_pixels": [400, 400, 800, 400, 400, 800],
 }
 EPOCHS = {
     "worker": [0, 0, 1, 1],
@@ -54,6 +56,13 @@ def test_throughput_figures():
 
 def test_loss_per_epoch_is_the_mean_over_all_workers_steps():
     assert metrics.loss_per_epoch(STEPS) == [(2.0 + 1.5 + 2.0 + 1.75) / 4, (1.0 + 1.25) / 2] == [1.8125, 1.125]
+
+
+def test_shares_and_init_time():
+    waiting, computing = 0.25 * 3 + 0.5 * 3, 0.5 * 3 + 1.0 * 3
+    assert metrics.data_wait_share(STEPS) == pytest.approx(waiting / (waiting + computing)) == pytest.approx(1 / 3)
+    assert metrics.padding_share(STEPS) == pytest.approx(1 - 2000 / 3200) == pytest.approx(0.375)
+    assert metrics.init_time(STEPS, process_start=88.5) == 100.0 - 88.5
 
 
 def test_e2e_time():

@@ -49,6 +49,8 @@ def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
     for key in ("e2e_time", "p_whole", "p_train", "p_core", "map", "ap50", "ap75", "mem"):
         assert key in saved
     assert saved["p_core"] >= saved["p_train"] >= saved["p_whole"] > 0
+    assert 0 <= saved["padding_share"] < 1 and 0 < saved["data_wait_share"] < 1
+    assert 0 < saved["init_time"] < saved["e2e_time"]
     assert 0 <= saved["map"] <= 1 and saved["mem"].endswith("(cpu rss)")
 
     # Every figure recomputed from the raw logs equals the one in result.json.
