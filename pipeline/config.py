@@ -73,6 +73,8 @@ class Config:
     # The row's fix_hp column: hyper-parameters changed from the reference, e.g. "bs=16,lr=0.16".
     fix_hp: str = "/"
 
+    # COCOeval implementation: "faster-coco-eval" (same figures, faster) or "pycocotools".
+    coco_evaluator: str = "faster-coco-eval"
     # Aspect-ratio grouping of training batches (torchvision's reference default 3; 0 is off).
     aspect_group_factor: int = 3
     # Images per Ray Data decode task batch; batches prefetched by each worker.
@@ -96,6 +98,8 @@ class Config:
             problems.append(f"num_workers must be 0 or more, got {self.num_workers}")
         if not 1 <= self.nodes <= max(1, self.num_workers):
             problems.append(f"nodes must be 1..num_workers, got {self.nodes} for {self.num_workers} workers")
+        if self.coco_evaluator not in ("faster-coco-eval", "pycocotools"):
+            problems.append(f"coco_evaluator must be faster-coco-eval or pycocotools, got {self.coco_evaluator!r}")
         if self.placement_strategy not in PLACEMENTS:
             problems.append(f"placement_strategy must be one of {', '.join(PLACEMENTS)}, got {self.placement_strategy!r}")
         if self.lr <= 0:

@@ -1,11 +1,22 @@
-"""COCO bbox evaluation with pycocotools: predictions -> AP@[.5:.95] (the row's map), AP50, AP75."""
+"""COCO bbox evaluation: predictions -> AP@[.5:.95] (the row's map), AP50, AP75.
+
+Two evaluators compute COCOeval's figures: pycocotools, the reference, and faster-coco-eval,
+its C++ reimplementation, which gives the same figures (a test compares them on the same
+predictions) about ten times faster; faster-coco-eval is the default, pycocotools the fallback.
+"""
 
 import builtins
 import contextlib
 
+import faster_coco_eval
+import pycocotools.coco
+import pycocotools.cocoeval
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+
+EVALUATORS = {
+    "faster-coco-eval": (faster_coco_eval.COCO, faster_coco_eval.COCOeval_faster),
+    "pycocotools": (pycocotools.coco.COCO, pycocotools.cocoeval.COCOeval),
+}
 
 
 def coco_detections(image_ids: list[int], outputs: list[dict]) -> list[dict]:
@@ -32,12 +43,13 @@ def _quiet():
         builtins.print = saved
 
 
-def load_ground_truth(annotation_file: str) -> COCO:
+def load_ground_truth(annotation_file: str, evaluator: str):
+    """The val annotations as the evaluator's COCO object."""
     with _quiet():
-        return COCO(annotation_file)
+        return EVALUATORS[evaluator][0](annotation_file)
 
 
-def check_exactly_once(ground_truth: COCO, evaluated_ids: list[int]) -> None:
+def check_exactly_once(ground_truth, evaluated_ids: list[int]) -> None:
     """Every val image must have been inferred exactly once, across all workers."""
     expected, seen = set(ground_truth.getImgIds()), set(evaluated_ids)
     if len(evaluated_ids) != len(seen) or seen != expected:
@@ -46,12 +58,13 @@ def check_exactly_once(ground_truth: COCO, evaluated_ids: list[int]) -> None:
                            f"(missing {len(expected - seen)}, unknown {len(seen - expected)})")
 
 
-def coco_map(ground_truth: COCO, detections: list[dict]) -> dict:
-    """bbox AP@[.5:.95] as `map`, AP50 and AP75, over every image of the ground truth."""
+def coco_map(ground_truth, detections: list[dict], evaluator: str) -> dict:
+    """bbox AP@[.5:.95] as `map`, AP50 and AP75, over every image of the ground truth (loaded by
+    `load_ground_truth` with the same evaluator)."""
     if not detections:  # pycocotools' loadRes cannot take an empty list; nothing detected is AP 0
         return {"map": 0.0, "ap50": 0.0, "ap75": 0.0}
     with _quiet():
-        evaluator = COCOeval(ground_truth, ground_truth.loadRes(detections), "bbox")
+        evaluator = EVALUATORS[evaluator][1](ground_truth, ground_truth.loadRes(detections), "bbox")
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

@@ -133,7 +133,7 @@ def evaluate(model, shard, config: Config, device: torch.device, ground_truth) -
     result = [None]
     if ground_truth is not None:
         evaluation.check_exactly_once(ground_truth, seen)
-        result = [evaluation.coco_map(ground_truth, detections)]
+        result = [evaluation.coco_map(ground_truth, detections, config.coco_evaluator)]
     if dist.is_initialized():
         dist.broadcast_object_list(result, src=0)
     return result[0], inferred
@@ -166,7 +166,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scaler = recipe.grad_scaler(config.precision, device)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    ground_truth = evaluation.load_ground_truth(loop_config["val_annotations"]) if rank == 0 else None
+    ground_truth = (evaluation.load_ground_truth(loop_config["val_annotations"], config.coco_evaluator)
+                    if rank == 0 else None)
     log = StepLog(reporter, rank)
     padding = PaddingProbe(model)
 
