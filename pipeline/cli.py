@@ -1,4 +1,5 @@
-"""The `frcnn-bench` command: `run` trains and writes a result; `synth` writes a synthetic data set."""
+"""The `frcnn-bench` command: `run` trains and writes a result; `synth` writes a synthetic data set;
+`benchmark` compares this pipeline with a plain DataLoader + DDP baseline."""
 
 import argparse
 import sys
@@ -13,11 +14,14 @@ from pipeline.preflight import PreflightError
 USER_ERRORS = (config_module.ConfigError, AnnotationError, WeightsError, PreflightError, FileExistsError)
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(argv: list[str]) -> None:
     from pipeline.run import run  # imports Ray and torch: only for this command
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "preset")}
-    config = config_module.resolve(args.preset, **overrides)
+    parser = argparse.ArgumentParser(prog="frcnn-bench run", description="train Faster R-CNN with Ray and "
+                                     "write the result row")
+    config_module.add_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    config = config_module.resolve(args.pop("preset"), **args)
     result = run(config)
     print("\nepoch  mean loss  bbox mAP")
     for epoch, (loss, score) in enumerate(zip(result["loss_per_epoch"], result["map_per_epoch"])):
@@ -26,18 +30,27 @@ def _run(args: argparse.Namespace) -> None:
     print(open(f"{result['run_dir']}/row.md").read(), end="")
 
 
+def _benchmark(argv: list[str]) -> None:
+    from pipeline import benchmark  # imports Ray and torch: only for this command
+
+    benchmark.main(argv)
+
+
+COMMANDS = {
+    "run": (_run, "train Faster R-CNN with Ray and write the result row"),
+    "synth": (synthetic.main, "write a synthetic COCO 2017-format data set"),
+    "benchmark": (_benchmark, "this pipeline against a plain DataLoader + DDP baseline"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="frcnn-bench", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="train Faster R-CNN with Ray and write the result row")
-    config_module.add_arguments(run_parser)
-    run_parser.set_defaults(func=_run)
-    synth_parser = commands.add_parser("synth", help="write a synthetic COCO 2017-format data set")
-    synth_parser.add_argument("argv", nargs=argparse.REMAINDER)
-    synth_parser.set_defaults(func=lambda args: synthetic.main(args.argv))
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"usage: frcnn-bench {{{','.join(COMMANDS)}}} [--help | options]", __doc__, ""]
+        lines += [f"  {name:10s} {help}" for name, (_, help) in COMMANDS.items()]
+        sys.exit("\n".join(lines))
     try:
-        args.func(args)
+        COMMANDS[argv[0]][0](argv[1:])
     except USER_ERRORS as e:
         sys.exit(f"frcnn-bench: {e}")
 

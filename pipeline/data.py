@@ -6,6 +6,7 @@ Decoded images are CHW uint8 arrays of their own size; boxes are (N, 4) float32 
 """
 
 import math
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -110,7 +111,10 @@ def to_tensors(batch: dict, pin: bool = False) -> tuple[list[int], list[torch.Te
     """A numpy batch from the stream -> image ids, uint8 CHW image tensors and targets, on the CPU,
     sharing the batch's memory; or, with `pin`, copied to pinned memory so that the copy to the
     GPU can run asynchronously."""
-    images = [torch.from_numpy(image) for image in batch["image"]]
+    with warnings.catch_warnings():
+        # Ray hands out read-only views of its object store; nothing here writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        images = [torch.from_numpy(image) for image in batch["image"]]
     if pin:
         images = [image.pin_memory() for image in images]
     targets = [{"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels)}

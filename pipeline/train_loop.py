@@ -9,7 +9,9 @@ reporting actor (see pipeline.metrics for what each one measures).
 import math
 import os
 import platform
+import queue
 import resource
+import threading
 import time
 
 import ray.train
@@ -42,10 +44,30 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def _to_device(images, targets, device):
+def to_device(images, targets, device):
     images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
     return images, targets
+
+
+def train_step(model, optimizer, scaler, images, targets, config: Config, lr: float, device: torch.device) -> float:
+    """One step's compute: device copy, forward, backward, optimizer step, and a device
+    synchronisation so that the time measured around it holds all of its work. The loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    images, targets = to_device(images, targets, device)
+    with recipe.autocast(config.precision, device):
+        loss = sum(model(images, targets).values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if config.clip_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    loss_value = loss.item()
+    _sync(device)
+    return loss_value
 
 
 class PaddingProbe:
@@ -63,34 +85,48 @@ class PaddingProbe:
         self.image_pixels = sum(h * w for h, w in images.image_sizes)
 
 
-def train_one_epoch(model, optimizer, scaler, shard, config: Config, epoch: int, steps_per_epoch: int,
+class Prefetched:
+    """An epoch of the training stream, pulled by a background thread from the moment it is made,
+    so that the stream fills while the worker builds its model or evaluates the previous epoch
+    instead of when the first step asks for a batch."""
+
+    _END = object()
+
+    def __init__(self, shard, config: Config):
+        self.queue = queue.Queue(maxsize=1)
+        batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
+                                     prefetch_batches=config.prefetch_batches)
+        threading.Thread(target=self._pull, args=(batches,), daemon=True).start()
+
+    def _pull(self, batches) -> None:
+        try:
+            for batch in batches:
+                self.queue.put(batch)
+            self.queue.put(self._END)
+        except BaseException as error:  # handed to the training thread, which raises it
+            self.queue.put(error)
+
+    def next(self):
+        """The next batch, None at the end of the epoch."""
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return None if item is self._END else item
+
+
+def train_one_epoch(model, optimizer, scaler, batches: Prefetched, config: Config, epoch: int, steps_per_epoch: int,
                     device: torch.device, log: StepLog, rank: int, padding: PaddingProbe) -> None:
     model.train()
-    batches = iter(shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
-                                      prefetch_batches=config.prefetch_batches))
     step = 0
     while True:
         start, wait_start = time.time(), time.perf_counter()
-        batch = next(batches, None)
+        batch = batches.next()
         if batch is None:
             break
         _, images, targets = to_tensors(batch, pin=device.type == "cuda")
         compute_start = time.perf_counter()
         lr = recipe.learning_rate(config, epoch, step, steps_per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, targets = _to_device(images, targets, device)
-        with recipe.autocast(config.precision, device):
-            loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.clip_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        loss_value = loss.item()
-        _sync(device)
+        loss_value = train_step(model, optimizer, scaler, images, targets, config, lr, device)
         end = time.perf_counter()
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(f"loss is {loss_value} at epoch {epoch} step {step} on worker {rank}")
@@ -111,7 +147,7 @@ def infer_shard(model, shard, config: Config, device: torch.device) -> tuple[lis
     for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                     prefetch_batches=config.prefetch_batches):
         image_ids, images, targets = to_tensors(batch, pin=device.type == "cuda")
-        images, _ = _to_device(images, targets, device)
+        images, _ = to_device(images, targets, device)
         outputs = model(images)
         seen += image_ids
         detections += evaluation.coco_detections(image_ids, outputs)
@@ -159,13 +195,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, context.get_local_world_size())))
     torch.manual_seed(config.seed)
 
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    train_batches = Prefetched(train_shard, config)  # fills while the model is built
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(build_model(config.backbone_weights, config.min_size, config.max_size,
                                                          config.box_batch_size_per_image))
     optimizer = recipe.make_optimizer(model, config)
     scaler = recipe.grad_scaler(config.precision, device)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     ground_truth = (evaluation.load_ground_truth(loop_config["val_annotations"], config.coco_evaluator)
                     if rank == 0 else None)
     log = StepLog(reporter, rank)
@@ -174,11 +211,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(config.max_epochs):
         _barrier(device)
         start = time.perf_counter()
-        train_one_epoch(model, optimizer, scaler, train_shard, config, epoch, steps_per_epoch, device, log, rank,
+        train_one_epoch(model, optimizer, scaler, train_batches, config, epoch, steps_per_epoch, device, log, rank,
                         padding)
         _sync(device)
         _barrier(device)
         train_end = time.perf_counter()
+        if epoch + 1 < config.max_epochs:
+            train_batches = Prefetched(train_shard, config)  # the next epoch fills during evaluation
         scores, inferred = evaluate(model, val_shard, config, device, ground_truth)
         _barrier(device)
         end = time.perf_counter()
