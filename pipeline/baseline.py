@@ -9,6 +9,7 @@ computes its figures with the same formulas. It trains, it does not evaluate.
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from pipeline import data, recipe
+from pipeline import images, recipe
 from pipeline.config import Config
 from pipeline.model import build_model
 from pipeline.train_loop import PaddingProbe, train_step
@@ -38,10 +39,10 @@ class CocoDetectionDataset(Dataset):
 
     def __getitem__(self, index: int):
         row = self.rows[index]
-        image = data.read_image(row["path"])
+        image = images.read_image(row["path"])
         boxes = np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)
         if np.random.random() < 0.5:
-            image, boxes = np.ascontiguousarray(image[:, :, ::-1]), data.flip_boxes(boxes, image.shape[2])
+            image, boxes = np.ascontiguousarray(image[:, :, ::-1]), images.flip_boxes(boxes, image.shape[2])
         return torch.from_numpy(image), {"boxes": torch.from_numpy(boxes), "labels": torch.tensor(row["labels"])}
 
 
@@ -93,14 +94,20 @@ def _worker(rank: int, world: int, port: int, config: Config, manifest: pa.Table
     dist.destroy_process_group()
 
 
-def run_baseline(config: Config, manifest: pa.Table, loader_workers: int, port: int, out_dir: Path) -> tuple[dict, dict]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_baseline(config: Config, manifest: pa.Table, loader_workers: int, out_dir: Path) -> tuple[dict, dict]:
     """Train `config.max_epochs` epochs on the manifest with `config.num_workers` DDP processes
     (torch's spawn: an error in any of them is raised here); returns the steps and epochs columns
     of all of them (see pipeline.metrics)."""
     world = max(1, config.num_workers)
     threads = max(1, len(os.sched_getaffinity(0)) // world)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spawn(_worker, args=(world, port, config, manifest, loader_workers, threads, str(out_dir)), nprocs=world)
+    spawn(_worker, args=(world, _free_port(), config, manifest, loader_workers, threads, str(out_dir)), nprocs=world)
     parts = [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world)]
     return ({name: [v for part in parts for v in part["steps"][name]] for name in parts[0]["steps"]},
             {name: [v for part in parts for v in part["epochs"][name]] for name in parts[0]["epochs"]})

@@ -104,8 +104,7 @@ def summarize(steps: dict, epochs: dict) -> dict:
 
 def one_run(variant: str, config, manifest, folder: Path, repeat: int) -> dict:
     if variant == "dataloader":
-        steps, epochs = run_baseline(config, manifest, loader_workers=1, port=29500 + repeat,
-                                     out_dir=folder / f"dataloader-{repeat}")
+        steps, epochs = run_baseline(config, manifest, loader_workers=1, out_dir=folder / f"dataloader-{repeat}")
         return summarize(steps, epochs)
     variant_config = dataclasses.replace(config, run_name=f"{variant}-{repeat}",
                                          aspect_group_factor=config.aspect_group_factor if variant == "ray" else 0)
@@ -166,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-size", type=int, default=640)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--eval-images", type=int, default=500, help="val images of the COCOeval timing")
     args = parser.parse_args(argv)
     out = Path(args.output_dir).resolve()
     root = synthetic.generate(out / "data", coco_like(args.steps, args.batch_size, args.workers, seed=0))
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         "init_time": first_init_time(out / "runs"),
         "decode_images_per_s": [statistics.median(rates[i] for rates in decode) for i in (0, 1)],
         "decode_runs": decode,
-        "reporting_s_per_step": reporting_cost(), "evaluation": evaluation_times(out / "eval-set"),
+        "reporting_s_per_step": reporting_cost(), "evaluation": evaluation_times(out / "eval-set", args.eval_images),
         "versions": {"torch": torch.__version__, "ray": ray.__version__},
     }
     (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")

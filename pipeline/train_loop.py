@@ -13,6 +13,7 @@ import queue
 import resource
 import threading
 import time
+import warnings
 
 import ray.train
 import ray.train.torch
@@ -21,13 +22,27 @@ import torch.distributed as dist
 
 from pipeline import evaluation, recipe
 from pipeline.config import Config
-from pipeline.data import to_tensors
 from pipeline.model import build_model
 from pipeline.reporting import StepLog
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def to_tensors(batch: dict, pin: bool = False) -> tuple[list[int], list[torch.Tensor], list[dict]]:
+    """A numpy batch from the stream -> image ids, uint8 CHW image tensors and targets, on the CPU,
+    sharing the batch's memory; or, with `pin`, copied to pinned memory so that the copy to the
+    GPU can run asynchronously."""
+    with warnings.catch_warnings():
+        # Ray hands out read-only views of its object store; nothing here writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        images = [torch.from_numpy(image) for image in batch["image"]]
+    if pin:
+        images = [image.pin_memory() for image in images]
+    targets = [{"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels)}
+               for boxes, labels in zip(batch["boxes"], batch["labels"])]
+    return [int(i) for i in batch["image_id"]], images, targets
 
 
 def _barrier(device: torch.device) -> None:
