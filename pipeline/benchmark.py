@@ -111,7 +111,8 @@ def one_run(variant: str, config, manifest, folder: Path, repeat: int) -> dict:
     called = time.time()
     result = run(variant_config)
     records = load_records(result["run_dir"])
-    return {**summarize(records["steps"], records["epochs"]), "startup_s": min(records["steps"]["start"]) - called}
+    return {**summarize(records["steps"], records["epochs"]), "startup_s": min(records["steps"]["start"]) - called,
+            "mem_used_gib": result["mem_used_gib"], "mem_total_gib": result["mem_total_gib"]}
 
 
 def first_init_time(runs_dir: Path) -> float:
@@ -143,6 +144,8 @@ def markdown(report: dict) -> str:
               f"- p_core, this pipeline / DataLoader baseline: {ours['p_core'] / base['p_core']:.3f}",
               f"- start-up, run() called to first step (Ray already up), median: {ours['startup_s']:.1f} s; "
               f"process start to first step (init_time) of the first run: {report['init_time']:.1f} s",
+              f"- peak memory of a worker (this pipeline, median): {ours['mem_used_gib']:.1f}/{ours['mem_total_gib']:.1f} GiB "
+              f"({report['mem_kind']})",
               f"- Ray Data stage alone, median: {report['decode_images_per_s'][1]:.1f} images/s warm, "
               f"{report['decode_images_per_s'][0]:.1f} images/s on the first pass (cold task workers)",
               f"- reporting channel: {report['reporting_s_per_step'] * 1e6:.1f} us per step, "
@@ -167,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--eval-images", type=int, default=500, help="val images of the COCOeval timing")
     args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the wait after the first step is one of the figures")
     out = Path(args.output_dir).resolve()
     root = synthetic.generate(out / "data", coco_like(args.steps, args.batch_size, args.workers, seed=0))
     config = resolve(data_root=str(root), output_dir=str(out / "runs"), num_workers=args.workers,
@@ -189,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {**vars(args), "images": manifest.num_rows},
         "repeats": args.repeats, "runs": runs, "medians": median_table(runs),
         "init_time": first_init_time(out / "runs"),
+        "mem_kind": "cuda" if args.use_gpu else "cpu rss",
         "decode_images_per_s": [statistics.median(rates[i] for rates in decode) for i in (0, 1)],
         "decode_runs": decode,
         "reporting_s_per_step": reporting_cost(), "evaluation": evaluation_times(out / "eval-set", args.eval_images),

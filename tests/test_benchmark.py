@@ -11,7 +11,7 @@ from pipeline.benchmark import VARIANTS, main
 def test_benchmark_writes_side_by_side_figures(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     try:
-        main(["--output-dir", str(tmp_path), "--steps", "1", "--repeats", "1", "--min-size", "64", "--max-size", "96",
+        main(["--output-dir", str(tmp_path), "--steps", "2", "--repeats", "1", "--min-size", "64", "--max-size", "96",
               "--eval-images", "5"])
     finally:
         ray.shutdown()  # the local Ray the benchmark started
@@ -19,7 +19,7 @@ def test_benchmark_writes_side_by_side_figures(tmp_path, monkeypatch):
     assert set(report["medians"]) == set(VARIANTS)
     for variant in VARIANTS:
         figures = report["medians"][variant]
-        assert figures["images"] == 2 * 2  # 1 step x batch 2 x 2 workers
+        assert figures["images"] == 2 * 2 * 2  # 2 steps x batch 2 x 2 workers
         assert figures["p_core"] >= figures["p_train"] >= figures["p_whole"] > 0
     assert report["reporting_s_per_step"] > 0 and min(report["decode_images_per_s"]) > 0
     evaluation = report["evaluation"]
