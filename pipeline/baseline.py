@@ -39,7 +39,7 @@ class CocoDetectionDataset(Dataset):
 
     def __getitem__(self, index: int):
         row = self.rows[index]
-        image = images.read_image(row["path"])
+        image = images.read_image(row["path"], row["width"], row["height"])
         boxes = np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)
         if np.random.random() < 0.5:
             image, boxes = np.ascontiguousarray(image[:, :, ::-1]), images.flip_boxes(boxes, image.shape[2])

@@ -73,6 +73,11 @@ class Config:
     # The row's fix_hp column: hyper-parameters changed from the reference, e.g. "bs=16,lr=0.16".
     fix_hp: str = "/"
 
+    # Restarts of the worker group from the last epoch checkpoint after a worker dies (0: fail).
+    max_failures: int = 0
+    # Images that cannot be decoded (or whose size differs from the annotations') are left out
+    # and listed in the result; more than this many in a split stop the run.
+    max_bad_images: int = 100
     # COCOeval implementation: "faster-coco-eval" (same figures, faster) or "pycocotools".
     coco_evaluator: str = "faster-coco-eval"
     # Aspect-ratio grouping of training batches (torchvision's reference default 3; 0 is off).
@@ -94,6 +99,9 @@ class Config:
         for name in ("batch_size", "max_epochs", "min_size", "max_size", "box_batch_size_per_image", "decode_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_failures", "max_bad_images"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.num_workers < 0:
             problems.append(f"num_workers must be 0 or more, got {self.num_workers}")
         if not 1 <= self.nodes <= max(1, self.num_workers):

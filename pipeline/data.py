@@ -29,18 +29,21 @@ def _blocks(manifest: pa.Table) -> ray.data.Dataset:
     return ray.data.from_arrow([manifest.slice(i * size, size) for i in range(count)])
 
 
-def train_dataset(manifest: pa.Table, seed: int, decode_batch_size: int, aspect_group_factor: int) -> ray.data.Dataset:
+def train_dataset(manifest: pa.Table, seed: int, decode_batch_size: int, aspect_group_factor: int,
+                  reporter=None, max_bad_images: int = 0) -> ray.data.Dataset:
     shuffled = _blocks(manifest).random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     if aspect_group_factor > 0:
         shuffled = shuffled.map_batches(group_by_aspect, batch_size=GROUP_WINDOW, batch_format="numpy",
                                         fn_kwargs={"factor": aspect_group_factor})
     return (shuffled
-            .map_batches(decode_batch, batch_size=decode_batch_size)
+            .map_batches(decode_batch, batch_size=decode_batch_size,
+                         fn_kwargs={"split": "train", "reporter": reporter, "max_bad_images": max_bad_images})
             .map_batches(random_flip, batch_size=decode_batch_size))
 
 
-def val_dataset(manifest: pa.Table, decode_batch_size: int) -> ray.data.Dataset:
-    return _blocks(manifest).map_batches(decode_batch, batch_size=decode_batch_size)
+def val_dataset(manifest: pa.Table, decode_batch_size: int, reporter=None, max_bad_images: int = 0) -> ray.data.Dataset:
+    return _blocks(manifest).map_batches(decode_batch, batch_size=decode_batch_size, fn_kwargs={
+        "split": "val", "reporter": reporter, "max_bad_images": max_bad_images})
 
 
 class ShardingConfig(DataConfig):

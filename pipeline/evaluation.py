@@ -49,22 +49,25 @@ def load_ground_truth(annotation_file: str, evaluator: str):
         return EVALUATORS[evaluator][0](annotation_file)
 
 
-def check_exactly_once(ground_truth, evaluated_ids: list[int]) -> None:
-    """Every val image must have been inferred exactly once, across all workers."""
-    expected, seen = set(ground_truth.getImgIds()), set(evaluated_ids)
+def check_exactly_once(ground_truth, evaluated_ids: list[int], left_out: list[int] = ()) -> None:
+    """Every val image but those `left_out` (undecodable) must have been inferred exactly once,
+    across all workers."""
+    expected, seen = set(ground_truth.getImgIds()) - set(left_out), set(evaluated_ids)
     if len(evaluated_ids) != len(seen) or seen != expected:
         raise RuntimeError(f"evaluation saw {len(evaluated_ids)} inferences of {len(seen)} distinct images; "
                            f"expected each of the {len(expected)} val images once "
                            f"(missing {len(expected - seen)}, unknown {len(seen - expected)})")
 
 
-def coco_map(ground_truth, detections: list[dict], evaluator: str) -> dict:
-    """bbox AP@[.5:.95] as `map`, AP50 and AP75, over every image of the ground truth (loaded by
-    `load_ground_truth` with the same evaluator)."""
+def coco_map(ground_truth, detections: list[dict], evaluator: str, image_ids: list[int] | None = None) -> dict:
+    """bbox AP@[.5:.95] as `map`, AP50 and AP75, over the given images (default: every image of
+    the ground truth, loaded by `load_ground_truth` with the same evaluator)."""
     if not detections:  # pycocotools' loadRes cannot take an empty list; nothing detected is AP 0
         return {"map": 0.0, "ap50": 0.0, "ap75": 0.0}
     with _quiet():
         evaluator = EVALUATORS[evaluator][1](ground_truth, ground_truth.loadRes(detections), "bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

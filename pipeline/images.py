@@ -1,29 +1,70 @@
 """Per-image work of the Ray Data stream, run in Ray Data tasks: read and decode, flip, group by
-aspect ratio. Only numpy and Pillow here, so that a task's worker process starts in a fraction of
+aspect ratio. Only numpy, Pillow and Ray here, so that a task's worker process starts in a fraction of
 a second (importing torch there would cost seconds before the first batch of a run).
 
 Decoded images are CHW uint8 arrays of their own size; boxes are (N, 4) float32 xyxy.
 """
 
 import numpy as np
+import ray
 from PIL import Image, ImageOps
 
 
-def read_image(path: str) -> np.ndarray:
-    """A JPEG (or any format Pillow reads) as a CHW uint8 RGB array, turned upright as its EXIF
-    orientation says; grayscale, palette and CMYK images become RGB."""
-    with Image.open(path) as image:
-        rgb = ImageOps.exif_transpose(image).convert("RGB")
+class UnusableImage(ValueError):
+    """An image file that cannot be used; the message says why."""
+
+
+class TooManyBadImages(RuntimeError):
+    pass
+
+
+def read_image(path: str, width: int | None = None, height: int | None = None) -> np.ndarray:
+    """An image file (JPEG or anything Pillow reads, whatever its name says) as a CHW uint8 RGB
+    array; grayscale, palette and CMYK images become RGB. With the annotations' width and height:
+    the stored pixels are used when their size matches (as torchvision's reference reads COCO,
+    ignoring EXIF); else the image turned upright as its EXIF orientation says, when that size
+    matches; else the image is unusable (its boxes would not fit it)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if width is not None and image.size != (width, height):
+                upright = ImageOps.exif_transpose(image)
+                if upright.size != (width, height):
+                    raise UnusableImage(f"decoded {image.width}x{image.height}, the annotations say {width}x{height}")
+                image = upright
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise UnusableImage("file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        if isinstance(error, UnusableImage):
+            raise
+        raise UnusableImage(f"cannot decode: {error}") from None
     return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
 
 
-def decode_batch(batch: dict) -> dict:
-    """Read and decode a batch of manifest rows; drops the path and flattened box columns."""
+def decode_batch(batch: dict, split: str = "train", reporter=None, max_bad_images: int = 0) -> dict:
+    """Read and decode a batch of manifest rows; drops the path and flattened box columns.
+
+    An unusable image raises, or, with a reporting actor, is left out and recorded there (once
+    per split and file); more than `max_bad_images` in a split stops the run."""
+    keep, images = [], []
+    for i, (image_id, path, width, height) in enumerate(zip(batch["image_id"], batch["path"], batch["width"],
+                                                            batch["height"])):
+        try:
+            images.append(read_image(path, int(width), int(height)))
+            keep.append(i)
+        except UnusableImage as error:
+            if reporter is None:
+                raise UnusableImage(f"{path}: {error}") from None
+            count = ray.get(reporter.add_bad_image.remote(split, int(image_id), str(path), str(error)))
+            if count > max_bad_images:
+                raise TooManyBadImages(f"{count} {split} images could not be used, more than max_bad_images="
+                                       f"{max_bad_images}; the latest: {path}: {error}") from None
     return {
-        "image_id": batch["image_id"],
-        "image": [read_image(path) for path in batch["path"]],
-        "boxes": [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in batch["boxes"]],
-        "labels": [np.asarray(l, dtype=np.int64) for l in batch["labels"]],
+        "image_id": batch["image_id"][keep],
+        "image": images,
+        "boxes": [np.asarray(batch["boxes"][i], dtype=np.float32).reshape(-1, 4) for i in keep],
+        "labels": [np.asarray(batch["labels"][i], dtype=np.int64) for i in keep],
     }
 
 

@@ -42,6 +42,22 @@ def check_hash(path: Path) -> None:
                            f"prefix {match.group(1)} in its name (corrupt or wrong file)")
 
 
+def local_weights_file(source: str) -> list[Path]:
+    """The file a local path or file:// URL names ([] for "imagenet" and "none")."""
+    if source in ("imagenet", "none"):
+        return []
+    return [Path(url2pathname(urlparse(source).path)) if source.startswith("file://") else Path(source)]
+
+
+def checked_weights_file(source: str) -> Path:
+    """The local weights file `source` names, which must exist and match its name's hash prefix."""
+    (path,) = local_weights_file(source)
+    if not path.is_file():
+        raise WeightsError(f"backbone weights {source!r}: no such file {path}")
+    check_hash(path)
+    return path
+
+
 def load_backbone_state(source: str) -> dict:
     """The ResNet-50 state dict from "imagenet" (torchvision's URL, downloaded once into the torch
     hub cache), a local path or a file:// URL. The SHA-256 prefix in the file name, when it has
@@ -50,11 +66,9 @@ def load_backbone_state(source: str) -> dict:
         url = ResNet50_Weights.IMAGENET1K_V1.url
         torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, progress=False)
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+        check_hash(path)
     else:
-        path = Path(url2pathname(urlparse(source).path)) if source.startswith("file://") else Path(source)
-    if not path.is_file():
-        raise WeightsError(f"backbone weights {source!r}: no such file {path}")
-    check_hash(path)
+        path = checked_weights_file(source)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -1,5 +1,11 @@
 """The reporting channel: workers buffer their timings and send them in batches to one
-`ReportingActor`, owned by the driver, which keeps them as columns and computes the figures."""
+`ReportingActor`, owned by the driver, which keeps them as columns and computes the figures.
+
+The actor outlives worker-group restarts. Each start of the worker group is an attempt; an
+attempt that resumes from a checkpoint at epoch k replaces the actor's rows with the rows saved
+in that checkpoint (epochs before k), so work done after the checkpoint and lost with the failed
+workers is counted once, as lost, never in the figures (see `begin_attempt`).
+"""
 
 import time
 
@@ -7,42 +13,88 @@ import ray
 
 from pipeline import metrics
 
-STEP_COLUMNS = ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss", "lr", "start", "end",
-                "image_pixels", "batch_pixels")
-EPOCH_COLUMNS = ("worker", "epoch", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75")
-WORKER_COLUMNS = ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind",
-                  "env")
+TABLES = {
+    "steps": ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss", "lr", "start", "end",
+              "image_pixels", "batch_pixels"),
+    "epochs": ("worker", "epoch", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75"),
+    "workers": ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind",
+                "env"),
+    # One row per start of the worker group. time_lost_s: from the end of the last step kept (or
+    # the previous attempt's start) to this start; lost_*: work of the failed attempt not kept.
+    "attempts": ("attempt", "start_epoch", "started", "resumed", "lost_steps", "lost_images", "time_lost_s"),
+    # Images left out because they could not be used, once per split and file.
+    "bad_images": ("split", "image_id", "path", "reason"),
+}
+STEP_COLUMNS = TABLES["steps"]
 
 
-def _columns(names) -> dict:
-    return {name: [] for name in names}
+def empty_records() -> dict:
+    return {name: {column: [] for column in columns} for name, columns in TABLES.items()}
+
+
+def _keep(table: dict, rows: list[int]) -> dict:
+    return {name: [values[i] for i in rows] for name, values in table.items()}
 
 
 @ray.remote(num_cpus=0)
 class ReportingActor:
     def __init__(self):
-        self.steps = _columns(STEP_COLUMNS)
-        self.epochs = _columns(EPOCH_COLUMNS)
-        self.workers = _columns(WORKER_COLUMNS)
+        self.tables = empty_records()
+
+    def _append(self, table: str, row: dict) -> None:
+        for name in TABLES[table]:
+            self.tables[table][name].append(row[name])
 
     def add_steps(self, rows: list[tuple]) -> None:
         for row in rows:
             for name, value in zip(STEP_COLUMNS, row):
-                self.steps[name].append(value)
+                self.tables["steps"][name].append(value)
 
     def add_epoch(self, row: dict) -> None:
-        for name in EPOCH_COLUMNS:
-            self.epochs[name].append(row[name])
+        self._append("epochs", row)
 
     def add_worker(self, row: dict) -> None:
-        for name in WORKER_COLUMNS:
-            self.workers[name].append(row[name])
+        self._append("workers", row)
+
+    def add_bad_image(self, split: str, image_id: int, path: str, reason: str) -> int:
+        """Records an image that could not be used; returns how many distinct ones the split has."""
+        bad = self.tables["bad_images"]
+        if (split, path) not in zip(bad["split"], bad["path"]):
+            self._append("bad_images", {"split": split, "image_id": image_id, "path": path, "reason": reason})
+        return bad["split"].count(split)
+
+    def bad_image_ids(self, split: str) -> list[int]:
+        bad = self.tables["bad_images"]
+        return [i for s, i in zip(bad["split"], bad["image_id"]) if s == split]
+
+    def begin_attempt(self, start_epoch: int, saved: dict | None) -> None:
+        """A start of the worker group at `start_epoch`, from the records saved in the checkpoint
+        it resumes from (None without a checkpoint). Rows of epochs from start_epoch on are the
+        failed attempt's lost work: counted in this attempt's row, dropped from the figures."""
+        steps = self.tables["steps"]
+        lost = [i for i, epoch in enumerate(steps["epoch"]) if epoch >= start_epoch]
+        # This driver's attempts if it has had one (they include the history it resumed from),
+        # else the history saved with the checkpoint (a new driver resuming a run).
+        attempts = self.tables["attempts"] if self.tables["attempts"]["attempt"] or saved is None else saved["attempts"]
+        if saved is not None:
+            self.tables = {**saved, "workers": self.tables["workers"], "attempts": attempts}
+        else:
+            for name in ("steps", "epochs"):
+                table = self.tables[name]
+                self.tables[name] = _keep(table, [i for i, e in enumerate(table["epoch"]) if e < start_epoch])
+        now = time.time()
+        kept_end = max(self.tables["steps"]["end"], default=None)
+        previous = attempts["started"][-1] if attempts["started"] else None
+        self._append("attempts", {
+            "attempt": len(attempts["attempt"]), "start_epoch": start_epoch, "started": now,
+            "resumed": saved is not None, "lost_steps": len(lost), "lost_images": sum(steps["images"][i] for i in lost),
+            "time_lost_s": 0.0 if previous is None else now - (kept_end if kept_end is not None else previous)})
 
     def records(self) -> dict:
-        return {"steps": self.steps, "epochs": self.epochs, "workers": self.workers}
+        return self.tables
 
     def figures(self) -> dict:
-        return metrics.figures(self.steps, self.epochs, self.workers)
+        return metrics.figures(self.tables["steps"], self.tables["epochs"], self.tables["workers"])
 
 
 class StepLog:

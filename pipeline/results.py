@@ -1,12 +1,15 @@
 """A run's results directory: result.json, the FlagPerf row (row.md) and the raw logs from which
 every figure can be recomputed: steps.parquet (one row per step per worker), epochs.jsonl (one
-row per epoch per worker) and workers.jsonl (one row per worker)."""
+row per epoch per worker), workers.jsonl (one row per worker), attempts.jsonl (one row per start
+of the worker group) and bad_images.jsonl (images left out). Checkpoints hold the same files."""
 
 import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.reporting import TABLES
 
 ROW_COLUMNS = ("config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "map", "mem")
 
@@ -36,21 +39,25 @@ def markdown_table(rows: list[dict], columns=ROW_COLUMNS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_records(run_dir: Path, records: dict) -> None:
-    pq.write_table(pa.table(records["steps"]), run_dir / "steps.parquet")
-    for name in ("epochs", "workers"):
-        columns = records[name]
-        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-        (run_dir / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+def write_records(folder: Path, records: dict) -> None:
+    folder = Path(folder)
+    for name, columns in TABLES.items():
+        table = records[name]
+        if name == "steps":
+            pq.write_table(pa.table({column: table[column] for column in columns}), folder / "steps.parquet")
+        else:
+            rows = [dict(zip(columns, values)) for values in zip(*(table[column] for column in columns))]
+            (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def load_records(run_dir: str | Path) -> dict:
+def load_records(folder: str | Path) -> dict:
     """The raw logs as columns, the form pipeline.metrics takes."""
-    run_dir = Path(run_dir)
-    records = {"steps": pq.read_table(run_dir / "steps.parquet").to_pydict()}
-    for name in ("epochs", "workers"):
-        rows = [json.loads(line) for line in (run_dir / f"{name}.jsonl").read_text().splitlines()]
-        records[name] = {key: [row[key] for row in rows] for key in rows[0]}
+    folder = Path(folder)
+    records = {"steps": pq.read_table(folder / "steps.parquet").to_pydict()}
+    for name, columns in TABLES.items():
+        if name != "steps":
+            rows = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+            records[name] = {column: [row[column] for row in rows] for column in columns}
     return records
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import ray
 import torch
 import torchvision
-from ray.train import RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import data, metrics, results, synthetic
 from pipeline.config import Config, to_dict
 from pipeline.manifest import build_manifest, split_paths
+from pipeline.model import checked_weights_file, local_weights_file
 from pipeline.preflight import PreflightError, check_nodes_see, check_resources
 from pipeline.reporting import ReportingActor
 from pipeline.train_loop import train_loop_per_worker
@@ -60,6 +61,7 @@ def run(config: Config) -> dict:
     process_start = process_start_time()
     run_name = config.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(config.output_dir).resolve() / run_name
+    weights = [checked_weights_file(config.backbone_weights)] if local_weights_file(config.backbone_weights) else []
     connect(config)
     check_resources(config)
     root = prepare_data(config)
@@ -72,7 +74,7 @@ def run(config: Config) -> dict:
     # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
     steps_per_epoch = math.ceil(train_manifest.num_rows // world / config.batch_size)
     annotations, images = zip(*(split_paths(root, split) for split in ("train", "val")))
-    check_nodes_see([p.resolve() for p in (*annotations, *images)], run_dir.parent)
+    check_nodes_see([p.resolve() for p in (*annotations, *images, *weights)], run_dir.parent)
     reporter = ReportingActor.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -81,10 +83,12 @@ def run(config: Config) -> dict:
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      placement_strategy=config.placement_strategy),
         run_config=RunConfig(name=run_name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": config.worker_env}),
         datasets={"train": data.train_dataset(train_manifest, config.seed, config.decode_batch_size,
-                                              config.aspect_group_factor),
-                  "val": data.val_dataset(val_manifest, config.decode_batch_size)},
+                                              config.aspect_group_factor, reporter, config.max_bad_images),
+                  "val": data.val_dataset(val_manifest, config.decode_batch_size, reporter, config.max_bad_images)},
         dataset_config=data.ShardingConfig(),
     )
     trainer.fit()
@@ -107,6 +111,13 @@ def run(config: Config) -> dict:
         "process_start": process_start,
         "init_time": metrics.init_time(records["steps"], process_start),
         "steps_per_epoch": steps_per_epoch,
+        # Work lost to failures is not in the figures above (see pipeline/reporting.py).
+        "attempts": len(records["attempts"]["attempt"]),
+        "time_lost_s": sum(records["attempts"]["time_lost_s"]),
+        "lost_images": sum(records["attempts"]["lost_images"]),
+        "bad_images": {split: [f"{path}: {reason}" for s, path, reason in zip(
+            records["bad_images"]["split"], records["bad_images"]["path"], records["bad_images"]["reason"]) if s == split]
+            for split in ("train", "val")},
         "data": {"root": str(root.resolve()), "train": train_stats.__dict__, "val": val_stats.__dict__},
         "workers": len(records["workers"]["worker"]),
         "nodes": len(set(records["workers"]["node"])),

@@ -20,7 +20,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import evaluation, recipe
+from pipeline import checkpoint, evaluation, recipe
 from pipeline.config import Config
 from pipeline.model import build_model
 from pipeline.reporting import StepLog
@@ -148,8 +148,8 @@ def train_one_epoch(model, optimizer, scaler, batches: Prefetched, config: Confi
         log.add(epoch, step, len(images), compute_start - wait_start, end - compute_start, loss_value, lr, start,
                 padding.image_pixels, padding.batch_pixels)
         step += 1
-    if step != steps_per_epoch:
-        raise RuntimeError(f"worker {rank} got {step} training batches in epoch {epoch}, expected {steps_per_epoch}")
+    if step == 0:
+        raise RuntimeError(f"worker {rank} got no training batch in epoch {epoch}")
 
 
 @torch.no_grad()
@@ -170,8 +170,9 @@ def infer_shard(model, shard, config: Config, device: torch.device) -> tuple[lis
     return seen, detections
 
 
-def evaluate(model, shard, config: Config, device: torch.device, ground_truth) -> tuple[dict, int]:
-    """Infer this worker's share, gather on rank 0, COCOeval there, share the result with all.
+def evaluate(model, shard, config: Config, device: torch.device, ground_truth, reporter) -> tuple[dict, int]:
+    """Infer this worker's share, gather on rank 0, COCOeval there over every val image but those
+    that could not be decoded (recorded with the reporting actor), share the result with all.
     Returns the scores and the number of images this worker inferred."""
     seen, detections = infer_shard(_unwrap(model), shard, config, device)
     inferred = len(seen)
@@ -183,8 +184,9 @@ def evaluate(model, shard, config: Config, device: torch.device, ground_truth) -
             detections = [d for _, dets in gathered for d in dets]
     result = [None]
     if ground_truth is not None:
-        evaluation.check_exactly_once(ground_truth, seen)
-        result = [evaluation.coco_map(ground_truth, detections, config.coco_evaluator)]
+        left_out = ray.get(reporter.bad_image_ids.remote("val"))
+        evaluation.check_exactly_once(ground_truth, seen, left_out)
+        result = [evaluation.coco_map(ground_truth, detections, config.coco_evaluator, image_ids=seen)]
     if dist.is_initialized():
         dist.broadcast_object_list(result, src=0)
     return result[0], inferred
@@ -222,8 +224,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     if rank == 0 else None)
     log = StepLog(reporter, rank)
     padding = PaddingProbe(model)
+    start_epoch, converged, saved = checkpoint.restore(_unwrap(model), optimizer, scaler)
+    if rank == 0:
+        ray.get(reporter.begin_attempt.remote(start_epoch, saved))
 
-    for epoch in range(config.max_epochs):
+    for epoch in range(start_epoch, config.max_epochs):
+        if converged:
+            break
         _barrier(device)
         start = time.perf_counter()
         train_one_epoch(model, optimizer, scaler, train_batches, config, epoch, steps_per_epoch, device, log, rank,
@@ -233,14 +240,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_end = time.perf_counter()
         if epoch + 1 < config.max_epochs:
             train_batches = Prefetched(train_shard, config)  # the next epoch fills during evaluation
-        scores, inferred = evaluate(model, val_shard, config, device, ground_truth)
+        scores, inferred = evaluate(model, val_shard, config, device, ground_truth, reporter)
         _barrier(device)
         end = time.perf_counter()
         epoch_row = {"worker": rank, "epoch": epoch, "train_s": train_end - start, "eval_s": end - train_end,
                      "eval_images": inferred, **scores}
         ray.get([log.flush(), reporter.add_epoch.remote(epoch_row)])
-        if scores["map"] >= config.target_map:
-            break
+        _barrier(device)  # every worker's rows are with the actor before rank 0 saves them
+        converged = scores["map"] >= config.target_map
+        checkpoint.report_epoch(scores, epoch, converged, config.seed, rank, _unwrap(model), optimizer, scaler,
+                                reporter)
 
     ray.get(reporter.add_worker.remote({
         "worker": rank, "node": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),

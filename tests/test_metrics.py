@@ -139,9 +139,13 @@ def test_figures_collects_everything():
 
 
 def test_records_round_trip(tmp_path):
-    records = {"steps": STEPS, "epochs": EPOCHS, "workers": WORKERS}
+    attempts = {"attempt": [0, 1], "start_epoch": [0, 1], "started": [90.0, 105.5], "resumed": [False, True],
+                "lost_steps": [0, 2], "lost_images": [0, 4], "time_lost_s": [0.0, 3.5]}
+    bad_images = {"split": ["train"], "image_id": [7], "path": ["/data/train2017/7.jpg"], "reason": ["file not found"]}
+    records = {"steps": STEPS, "epochs": EPOCHS, "workers": WORKERS, "attempts": attempts, "bad_images": bad_images}
     results.write_records(tmp_path, records)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epochs.jsonl", "steps.parquet", "workers.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "attempts.jsonl", "bad_images.jsonl", "epochs.jsonl", "steps.parquet", "workers.jsonl"]
     loaded = results.load_records(tmp_path)
     assert loaded == records
     assert metrics.figures(loaded["steps"], loaded["epochs"], loaded["workers"]) == metrics.figures(

@@ -1,0 +1,47 @@
+"""Per-epoch checkpoints through Ray Train (run inside the workers).
+
+A checkpoint holds what a run needs to continue exactly where the epoch ended: the model,
+optimizer and grad-scaler states, the epoch, the base shuffle seed, whether the run converged,
+and the reporting actor's records up to that epoch (the same files as a results directory), so
+that a restarted worker group or a new driver resuming the run continues the same logs.
+"""
+
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+
+from pipeline import results
+
+STATE = "state.pt"
+
+
+def report_epoch(scores: dict, epoch: int, converged: bool, seed: int, rank: int, model: torch.nn.Module,
+                 optimizer, scaler, reporter) -> None:
+    """ray.train.report for every worker (a barrier); rank 0 attaches the checkpoint."""
+    metrics = {"epoch": epoch, **scores}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "converged": converged, "seed": seed}, Path(folder) / STATE)
+        results.write_records(folder, ray.get(reporter.records.remote()))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def restore(model: torch.nn.Module, optimizer, scaler) -> tuple[int, bool, dict | None]:
+    """From the run's latest checkpoint, if it has one: loads the states and returns (the epoch
+    to start at, whether the run had converged, the saved records); else (0, False, None)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, False, None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
+        records = results.load_records(folder)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return state["epoch"] + 1, state["converged"], records

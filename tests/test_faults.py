@@ -1,0 +1,117 @@
+"""Faults for real, on a head this test starts: a training worker killed by its pid mid-epoch, and
+a driver killed and the run resumed by its name. The driver runs as `python -m pipeline run`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ray.util.state import list_actors
+
+from conftest import session_pids, venv_env
+from pipeline import metrics, results, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def twelve_steps(tmp_path_factory) -> Path:
+    """24 training images: 12 steps an epoch per worker at batch 1 with 2 workers."""
+    return synthetic.generate(tmp_path_factory.mktemp("data"), synthetic.SyntheticSpec(
+        train_images=24, val_images=4, num_categories=3, image_size=64, empty_fraction=0.0, seed=4))
+
+
+def start_driver(ray_head, data_root: Path, output_dir: Path, run_name: str, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pipeline", "run", "--preset", "smoke", "--synthetic-train-images", "0",
+               "--data-root", str(data_root), "--output-dir", str(output_dir), "--run-name", run_name,
+               "--batch-size", "1", "--max-epochs", "3", "--clip-grad-norm", "10", *extra]
+    with open(output_dir / f"{run_name}-driver.log", "a") as log:
+        return subprocess.Popen(command, cwd=ROOT, env=venv_env(RAY_ADDRESS=ray_head.address), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(predicate, what: str, timeout: float = 180):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def checkpointed(run_dir: Path) -> bool:
+    """Ray Train has registered a checkpoint of the run (written to its snapshot), so that a
+    restart gets it: a checkpoint folder alone may not be registered yet."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return snapshot["latest_checkpoint_result"] is not None
+
+
+def training_worker_pids(ray_head) -> list[int]:
+    """The pids of the run's training workers, from this head's state API (an explicit address:
+    without one, Ray would ask whichever cluster was started last on this machine)."""
+    actors = list_actors(address=f"http://127.0.0.1:{ray_head.dashboard_port}",
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return sorted(actor.pid for actor in actors)
+
+
+def finish(driver: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Waits for the driver to succeed; whatever is left of its session is killed in any case."""
+    try:
+        code = driver.wait(timeout=timeout)
+    finally:
+        for pid in session_pids(driver.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert code == 0, log.read_text()[-4000:]
+
+
+def check_honest_figures(run_dir: Path, epochs: int) -> dict:
+    saved = json.loads((run_dir / "result.json").read_text())
+    records = results.load_records(run_dir)
+    assert saved["epochs"] == epochs
+    assert sorted(set(records["steps"]["epoch"])) == list(range(epochs))
+    # Each epoch counted once: 12 steps of 1 image per worker and epoch, whatever was redone.
+    assert saved["images_trained"] == epochs * 2 * 12
+    assert sorted(records["epochs"]["epoch"]) == sorted(list(range(epochs)) * 2)
+    assert metrics.figures(records["steps"], records["epochs"], records["workers"]) == {
+        key: saved[key] for key in metrics.figures(records["steps"], records["epochs"], records["workers"])}
+    return saved
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_head, twelve_steps, tmp_path):
+    driver = start_driver(ray_head, twelve_steps, tmp_path, "killed", "--max-failures", "1")
+    run_dir = tmp_path / "killed"
+    try:
+        wait_for(lambda: checkpointed(run_dir) or driver.poll() is not None, "the first checkpoint")
+        pids = training_worker_pids(ray_head)
+        assert len(pids) == 2
+        time.sleep(1.0)  # into the second epoch's training
+        os.kill(pids[0], signal.SIGKILL)
+    finally:
+        finish(driver, tmp_path / "killed-driver.log")
+    saved = check_honest_figures(run_dir, epochs=3)
+    attempts = results.load_records(run_dir)["attempts"]
+    assert saved["attempts"] == 2 and attempts["attempt"] == [0, 1]
+    assert attempts["resumed"] == [False, True] and attempts["start_epoch"][1] in (1, 2)
+    assert attempts["time_lost_s"][1] > 0 and saved["time_lost_s"] == attempts["time_lost_s"][1]
+    assert saved["lost_images"] == sum(attempts["lost_images"])
+
+
+def test_a_run_resumes_by_its_name_after_the_driver_is_stopped(ray_head, twelve_steps, tmp_path):
+    first = start_driver(ray_head, twelve_steps, tmp_path, "resumed")
+    run_dir = tmp_path / "resumed"
+    wait_for(lambda: checkpointed(run_dir) or first.poll() is not None, "the first checkpoint")
+    assert first.poll() is None, "the first driver ended before it could be stopped"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (run_dir / "result.json").exists()
+    second = start_driver(ray_head, twelve_steps, tmp_path, "resumed")
+    finish(second, tmp_path / "resumed-driver.log")
+    check_honest_figures(run_dir, epochs=3)
+    attempts = results.load_records(run_dir)["attempts"]
+    assert attempts["attempt"] == [0, 1] and attempts["resumed"] == [False, True]
+    assert attempts["start_epoch"][0] == 0 and attempts["start_epoch"][1] >= 1
