@@ -15,14 +15,17 @@ USER_ERRORS = (config_module.ConfigError, AnnotationError, WeightsError, Preflig
 
 
 def _run(argv: list[str]) -> None:
-    from pipeline.run import run  # imports Ray and torch: only for this command
+    from pipeline.run import TrainingFailed, run  # imports Ray and torch: only for this command
 
     parser = argparse.ArgumentParser(prog="frcnn-bench run", description="train Faster R-CNN with Ray and "
                                      "write the result row")
     config_module.add_arguments(parser)
     args = vars(parser.parse_args(argv))
     config = config_module.resolve(args.pop("preset"), **args)
-    result = run(config)
+    try:
+        result = run(config)
+    except TrainingFailed as error:
+        sys.exit(f"frcnn-bench: training failed: {error}")
     print("\nepoch  mean loss  bbox mAP")
     for epoch, (loss, score) in enumerate(zip(result["loss_per_epoch"], result["map_per_epoch"])):
         print(f"{epoch:5d}  {loss:9.3f}  {score:8.3f}")

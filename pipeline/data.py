@@ -26,7 +26,11 @@ GROUP_WINDOW = 64
 def _blocks(manifest: pa.Table) -> ray.data.Dataset:
     count = min(MAX_BLOCKS, max(1, math.ceil(manifest.num_rows / ROWS_PER_BLOCK)))
     size = math.ceil(manifest.num_rows / count)
-    return ray.data.from_arrow([manifest.slice(i * size, size) for i in range(count)])
+    dataset = ray.data.from_arrow([manifest.slice(i * size, size) for i in range(count)])
+    # A decoding task's own error (e.g. too many bad images) reaches the run, not a generic
+    # "UDF failed" wrapper.
+    dataset.context.raise_original_map_exception = True
+    return dataset
 
 
 def train_dataset(manifest: pa.Table, seed: int, decode_batch_size: int, aspect_group_factor: int,

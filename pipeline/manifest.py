@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+# The model's classes are COCO's category ids (1..90) and the background (0).
+NUM_CLASSES = 91
 SCHEMA = pa.schema([
     ("image_id", pa.int64()),
     ("path", pa.string()),
@@ -50,8 +52,8 @@ def load_annotations(path: Path) -> dict:
         raise AnnotationError(f"{path}: annotation file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AnnotationError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("images", "annotations")):
-        raise AnnotationError(f"{path}: not a COCO instances file (needs 'images' and 'annotations' lists)")
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("images", "annotations", "categories")):
+        raise AnnotationError(f"{path}: not a COCO instances file (needs 'images', 'annotations' and 'categories' lists)")
     return doc
 
 
@@ -65,10 +67,14 @@ def build_manifest(annotation_file: str | Path, image_dir: str | Path, drop_empt
     annotation_file, image_dir = Path(annotation_file), Path(image_dir).resolve()
     doc = load_annotations(annotation_file)
     objects: dict[int, list] = {image["id"]: [] for image in doc["images"]}
+    categories = {category["id"] for category in doc["categories"]}
     crowd = degenerate = 0
     for ann in doc["annotations"]:
         if ann["image_id"] not in objects:
             raise AnnotationError(f"{annotation_file}: annotation {ann.get('id')} refers to unknown image id {ann['image_id']}")
+        if ann["category_id"] not in categories or not 1 <= ann["category_id"] < NUM_CLASSES:
+            raise AnnotationError(f"{annotation_file}: annotation {ann.get('id')} has category id {ann['category_id']}, "
+                                  f"not one of the file's categories within COCO's 1..{NUM_CLASSES - 1}")
         if ann.get("iscrowd", 0):
             crowd += 1
             continue

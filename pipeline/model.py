@@ -18,7 +18,8 @@ from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
-NUM_CLASSES = 91  # COCO category ids 1..90 index the classes directly; 0 is the background
+from pipeline.manifest import NUM_CLASSES  # COCO's category ids index the classes directly
+
 TRAINABLE_BACKBONE_LAYERS = 3
 # torch.hub's convention: "name-<first hex digits of the file's SHA-256>.ext".
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")

@@ -9,7 +9,7 @@ from pathlib import Path
 import ray
 import torch
 import torchvision
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 from pipeline import data, metrics, results, synthetic
@@ -19,6 +19,34 @@ from pipeline.model import checked_weights_file, local_weights_file
 from pipeline.preflight import PreflightError, check_nodes_see, check_resources
 from pipeline.reporting import ReportingActor
 from pipeline.train_loop import train_loop_per_worker
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped with an error in the workers or in Ray Train's controller."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost of the exceptions Ray wraps around a worker's or a Ray Data task's error."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if inner is None:
+            break
+        error = inner
+    return error
+
+
+def failure_summary(error: TrainingFailedError) -> str:
+    """One line per distinct failure: the ranks, the exception's type and its message's last line,
+    without Ray's tracebacks."""
+    failures = getattr(error, "worker_failures", None) or {"controller": getattr(error, "controller_failure", error)}
+    lines = {}
+    for rank, failure in failures.items():
+        cause = root_cause(failure)
+        text = str(cause).strip().splitlines()
+        lines.setdefault(f"{type(cause).__name__}: {text[-1] if text else ''}", []).append(str(rank))
+    return "; ".join(f"worker {', '.join(ranks)}: {line}" for line, ranks in lines.items())
 
 
 def process_start_time() -> float:
@@ -62,17 +90,20 @@ def run(config: Config) -> dict:
     run_name = config.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(config.output_dir).resolve() / run_name
     weights = [checked_weights_file(config.backbone_weights)] if local_weights_file(config.backbone_weights) else []
-    connect(config)
-    check_resources(config)
     root = prepare_data(config)
     train_manifest, train_stats = build_manifest(*split_paths(root, "train"), drop_empty=True)
     val_manifest, val_stats = build_manifest(*split_paths(root, "val"), drop_empty=False)
     world = max(1, config.num_workers)
-    if train_manifest.num_rows < world or val_manifest.num_rows == 0:
-        raise PreflightError(f"{train_manifest.num_rows} training images (after dropping those without boxes) "
-                             f"and {val_manifest.num_rows} val images under {root}: too few for {world} workers")
+    for split, manifest, stats, needed in (("train", train_manifest, train_stats, world),
+                                          ("val", val_manifest, val_stats, 1)):
+        if manifest.num_rows < needed:
+            raise PreflightError(f"{split_paths(root, split)[0]}: {manifest.num_rows} usable {split} images of "
+                                 f"{stats.images} (training images need a box that is not crowd or degenerate); "
+                                 f"{needed} needed for {world} workers")
     # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
     steps_per_epoch = math.ceil(train_manifest.num_rows // world / config.batch_size)
+    connect(config)
+    check_resources(config)
     annotations, images = zip(*(split_paths(root, split) for split in ("train", "val")))
     check_nodes_see([p.resolve() for p in (*annotations, *images, *weights)], run_dir.parent)
     reporter = ReportingActor.remote()
@@ -91,7 +122,10 @@ def run(config: Config) -> dict:
                   "val": data.val_dataset(val_manifest, config.decode_batch_size, reporter, config.max_bad_images)},
         dataset_config=data.ShardingConfig(),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as error:
+        raise TrainingFailed(failure_summary(error)) from error
     records = ray.get(reporter.records.remote())
     figures = ray.get(reporter.figures.remote())
     ray.kill(reporter)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline import images
@@ -43,14 +44,24 @@ def test_group_by_aspect_makes_runs_and_keeps_order_within_a_group():
 
 def test_decode_batch_reads_real_jpegs(tiny_coco):
     files = sorted((tiny_coco / "val2017").glob("*.jpg"))[:2]
+    sizes = [Image.open(f).size for f in files]
     batch = {"image_id": np.array([1, 2]), "path": np.array([str(f) for f in files], dtype=object),
+             "width": np.array([w for w, _ in sizes]), "height": np.array([h for _, h in sizes]),
              "boxes": [np.array([1, 2, 3, 4], np.float32), np.zeros(0, np.float32)],
              "labels": [np.array([5]), np.array([], np.int64)]}
     out = images.decode_batch(batch)
-    for image, f in zip(out["image"], files):
-        width, height = Image.open(f).size
+    for image, (width, height) in zip(out["image"], sizes):
         assert image.shape == (3, height, width) and image.dtype == np.uint8
     assert out["boxes"][0].tolist() == [[1, 2, 3, 4]] and out["boxes"][1].shape == (0, 4)
+    assert out["image_id"].tolist() == [1, 2]
+
+
+def test_decode_batch_without_a_reporter_names_the_unusable_file(tmp_path):
+    batch = {"image_id": np.array([1]), "path": np.array([str(tmp_path / "gone.jpg")], dtype=object),
+             "width": np.array([8]), "height": np.array([8]), "boxes": [np.zeros(0, np.float32)],
+             "labels": [np.array([], np.int64)]}
+    with pytest.raises(images.UnusableImage, match=r"gone.jpg: file not found"):
+        images.decode_batch(batch)
 
 
 def test_decoding_needs_no_torch():

@@ -8,7 +8,8 @@ from pipeline.manifest import AnnotationError, build_manifest
 
 def write_annotations(tmp_path, images, annotations):
     path = tmp_path / "instances.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": []}))
+    categories = [{"id": i, "name": str(i)} for i in (1, 3, 18, 90)]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return path
 
 
@@ -24,6 +25,7 @@ ANNOTATIONS = [
     {"id": 13, "image_id": 2, "category_id": 3, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # zero width
     {"id": 14, "image_id": 2, "category_id": 3, "bbox": [50, 10, 10, 10], "iscrowd": 0},  # outside
     {"id": 15, "image_id": 2, "category_id": 3, "bbox": [-10, -10, 5, 5]},  # outside, no iscrowd key
+    {"id": 16, "image_id": 3, "category_id": 3, "bbox": [20, 20, -5, 10], "iscrowd": 0},  # negative width
 ]
 
 
@@ -39,7 +41,7 @@ def test_rules_as_torchvision_reference(tmp_path):
     assert stats.images == 3 and stats.kept == 1
     assert stats.dropped_without_boxes == 2
     assert stats.crowd_boxes == 1
-    assert stats.degenerate_boxes == 3
+    assert stats.degenerate_boxes == 4
 
 
 def test_evaluation_keeps_images_without_boxes(tmp_path):
@@ -53,6 +55,14 @@ def test_evaluation_keeps_images_without_boxes(tmp_path):
 def test_unknown_image_id_is_named(tmp_path):
     path = write_annotations(tmp_path, IMAGES, [{"id": 7, "image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1]}])
     with pytest.raises(AnnotationError, match=r"instances.json: annotation 7 refers to unknown image id 99"):
+        build_manifest(path, tmp_path, drop_empty=True)
+
+
+@pytest.mark.parametrize("category_id", [5, 91, 0])
+def test_unknown_category_is_named(tmp_path, category_id):
+    path = write_annotations(tmp_path, IMAGES, [{"id": 8, "image_id": 1, "category_id": category_id,
+                                                 "bbox": [0, 0, 1, 1]}])
+    with pytest.raises(AnnotationError, match=rf"instances.json: annotation 8 has category id {category_id}, not one"):
         build_manifest(path, tmp_path, drop_empty=True)
 
 

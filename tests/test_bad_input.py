@@ -1,0 +1,178 @@
+"""Every kind of bad input gets its documented answer (README "When things go wrong"): unusable
+images are left out, counted and named; structural and configuration errors stop the run before
+Ray starts, in one line naming the problem."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import venv_env
+from pipeline import images, synthetic
+from pipeline.config import resolve
+from pipeline.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def image_file(folder: Path, name: str, size=(48, 32), mode="RGB", **save) -> Path:
+    path = folder / name
+    Image.new(mode, size, "red" if mode == "RGB" else 128).save(path, **save)
+    return path
+
+
+def exif_rotated(folder: Path) -> Path:
+    """Stored 48x32, EXIF orientation 6 (displayed turned by 90 degrees: 32x48)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return image_file(folder, "exif.jpg", exif=exif.tobytes())
+
+
+# name -> (make the file, (width, height) the annotations say, expected: a (C, H, W) shape or the error)
+CASES = {
+    "missing file": (lambda d: d / "missing.jpg", (48, 32), "file not found"),
+    "truncated JPEG": (lambda d: truncated(image_file(d, "cut.jpg")), (48, 32), "cannot decode"),
+    "not an image": (lambda d: text_file(d / "notes.jpg"), (48, 32), "cannot decode"),
+    "PNG named .jpg": (lambda d: image_file(d, "png.jpg", format="PNG"), (48, 32), (3, 32, 48)),
+    "grayscale JPEG": (lambda d: image_file(d, "gray.jpg", mode="L"), (48, 32), (3, 32, 48)),
+    "CMYK JPEG": (lambda d: image_file(d, "cmyk.jpg", mode="CMYK"), (48, 32), (3, 32, 48)),
+    "EXIF-rotated, annotated as stored": (exif_rotated, (48, 32), (3, 32, 48)),
+    "EXIF-rotated, annotated upright": (exif_rotated, (32, 48), (3, 48, 32)),
+    "size differs from the annotations": (lambda d: image_file(d, "small.jpg"), (64, 64),
+                                          "decoded 48x32, the annotations say 64x64"),
+}
+
+
+def truncated(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    return path
+
+
+def text_file(path: Path) -> Path:
+    path.write_text("not an image")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_image_case(tmp_path, case):
+    make, (width, height), expected = CASES[case]
+    path = make(tmp_path)
+    if isinstance(expected, tuple):
+        array = images.read_image(str(path), width, height)
+        assert array.shape == expected and array.dtype == np.uint8
+    else:
+        with pytest.raises(images.UnusableImage, match=expected):
+            images.read_image(str(path), width, height)
+
+
+@pytest.fixture
+def damaged_coco(tmp_path) -> Path:
+    """A synthetic set whose train split has a missing, a truncated and a wrongly sized image, a
+    grayscale and a PNG-named-.jpg one that are fine, and whose val split has a truncated one."""
+    root = synthetic.generate(tmp_path / "coco", synthetic.SyntheticSpec(
+        train_images=10, val_images=5, num_categories=3, image_size=64, empty_fraction=0.0, seed=8))
+    train = sorted((root / "train2017").glob("*.jpg"))
+    train[0].unlink()
+    truncated(train[1])
+    with Image.open(train[2]) as image:
+        image.resize((image.width + 8, image.height)).save(train[2])
+    with Image.open(train[3]) as image:
+        image.convert("L").save(train[3])
+    with Image.open(train[4]) as image:
+        image.save(train[4], format="PNG")
+    truncated(sorted((root / "val2017").glob("*.jpg"))[0])
+    return root
+
+
+def test_unusable_images_are_left_out_counted_and_named(ray_head, damaged_coco, tmp_path):
+    result = run(resolve("smoke", data_root=str(damaged_coco), synthetic_train_images=0, output_dir=str(tmp_path),
+                         ray_address=ray_head.address, max_bad_images=3, max_epochs=2))
+    bad = result["bad_images"]
+    reasons = sorted(line.split(": ", 1)[1] for line in bad["train"])
+    assert [reason.split(" ")[0] for reason in reasons] == ["cannot", "decoded", "file"], reasons
+    decoded, annotated = re.fullmatch(r"decoded (\d+)x\d+, the annotations say (\d+)x\d+", reasons[1]).groups()
+    assert int(decoded) == int(annotated) + 8
+    assert len(bad["val"]) == 1 and "cannot decode" in bad["val"][0]
+    # 7 usable training images, split equally (3 each), 2 epochs; the grayscale and PNG ones train.
+    assert result["images_trained"] == 2 * 2 * ((10 - 3) // 2)
+    assert result["epochs"] == 2
+
+
+def test_too_many_unusable_images_stop_the_run(ray_head, damaged_coco, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--preset", "smoke", "--synthetic-train-images", "0",
+                           "--data-root", str(damaged_coco), "--output-dir", str(tmp_path), "--max-bad-images", "1"],
+                          cwd=ROOT, env=venv_env(RAY_ADDRESS=ray_head.address), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 1
+    # Ray's own worker logs may arrive around it; the run's answer is one line of its own.
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("frcnn-bench: ")]
+    assert re.match(r"frcnn-bench: training failed: worker [\d, ]+: TooManyBadImages: 2 train images could not be "
+                    r"used, more than max_bad_images=1; the latest: .*(file not found|cannot decode)", line), line
+
+
+@pytest.fixture(scope="module")
+def small_coco(tmp_path_factory) -> Path:
+    return synthetic.generate(tmp_path_factory.mktemp("coco"), synthetic.SyntheticSpec(
+        train_images=4, val_images=2, num_categories=3, image_size=64, empty_fraction=0.0, seed=9))
+
+
+def broken_copy(root: Path, tmp_path: Path, split: str, edit) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    path = copy / "annotations" / f"instances_{split}2017.json"
+    edit(path)
+    return copy
+
+
+def edit_json(change):
+    def edit(path: Path):
+        doc = json.loads(path.read_text())
+        change(doc)
+        path.write_text(json.dumps(doc))
+    return edit
+
+
+# name -> (extra command-line flags, a change to a copy of the data set or None, expected message)
+BAD_RUNS = {
+    "unknown preset": (["--preset", "9x9"], None, "unknown preset '9x9'; presets: "),
+    "batch size 0": (["--batch-size", "0"], None, "batch_size must be at least 1, got 0"),
+    "negative lr": (["--lr", "-0.1"], None, "lr must be positive, got -0.1"),
+    "fp16": (["--precision", "fp16"], None, "precision 'fp16'"),
+    "missing data path": (["--data-root", "/nonexistent/coco"], None,
+                          "/nonexistent/coco/annotations/instances_train2017.json: annotation file not found"),
+    "backbone weights missing": (["--backbone-weights", "file:///nonexistent/resnet50-0676ba61.pth"], None,
+                                 "no such file /nonexistent/resnet50-0676ba61.pth"),
+    "backbone weights failing the hash": (["--backbone-weights", "WEIGHTS"], None, "does not match the prefix 0676ba61"),
+    "annotations truncated": ([], ("train", lambda p: p.write_text(p.read_text()[:100])), "not valid JSON"),
+    "annotations not COCO": ([], ("val", lambda p: p.write_text('{"type": "captions"}')), "not a COCO instances file"),
+    "unknown image id": ([], ("train", edit_json(lambda d: d["annotations"][0].update(image_id=424242))),
+                         "refers to unknown image id 424242"),
+    "unknown category": ([], ("val", edit_json(lambda d: d["annotations"][0].update(category_id=12))),
+                         "has category id 12, not one of the file's categories"),
+    "empty training split": ([], ("train", edit_json(lambda d: [a.update(iscrowd=1) for a in d["annotations"]])),
+                             "0 usable train images of 4"),
+    "empty val split": ([], ("val", edit_json(lambda d: d.update(images=[], annotations=[]))),
+                        "0 usable val images of 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUNS))
+def test_bad_configuration_and_annotations_fail_in_one_line(small_coco, tmp_path, case):
+    flags, change, message = BAD_RUNS[case]
+    root = broken_copy(small_coco, tmp_path, *change) if change else small_coco
+    if "WEIGHTS" in flags:
+        flags = [f if f != "WEIGHTS" else str(tmp_path / "resnet50-0676ba61.pth") for f in flags]
+        (tmp_path / "resnet50-0676ba61.pth").write_bytes(b"not the ImageNet weights")
+    command = [sys.executable, "-m", "pipeline", "run", "--preset", "smoke", "--synthetic-train-images", "0",
+               "--data-root", str(root), "--output-dir", str(tmp_path / "out"), *flags]
+    done = subprocess.run(command, cwd=ROOT, env=venv_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("frcnn-bench: ") and message in lines[-1], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
