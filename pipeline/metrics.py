@@ -84,9 +84,11 @@ def padding_share(steps: dict) -> float:
     return 1 - sum(steps["image_pixels"]) / sum(steps["batch_pixels"])
 
 
-def init_time(steps: dict, process_start: float) -> float:
-    """Seconds from the driver process's start to the first training step's start on any worker."""
-    return min(steps["start"]) - process_start
+def init_time(steps: dict, process_start: float) -> float | None:
+    """Seconds from the driver process's start to the first training step it ran, on any worker
+    (a resumed run's earlier steps belong to earlier processes); None if it ran none."""
+    starts = [start for start in steps["start"] if start >= process_start]
+    return min(starts) - process_start if starts else None
 
 
 def loss_per_epoch(steps: dict) -> list[float]:
