@@ -40,6 +40,14 @@ def _keep(table: dict, rows: list[int]) -> dict:
 class ReportingActor:
     def __init__(self):
         self.tables = empty_records()
+        self.fatal = ""
+
+    def stop(self, reason: str) -> None:
+        """A failure that a restart cannot mend (a non-finite loss): attempts after it end at once."""
+        self.fatal = reason
+
+    def fatal_error(self) -> str:
+        return self.fatal
 
     def _append(self, table: str, row: dict) -> None:
         for name in TABLES[table]:

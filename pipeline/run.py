@@ -126,6 +126,8 @@ def run(config: Config) -> dict:
         trainer.fit()
     except TrainingFailedError as error:
         raise TrainingFailed(failure_summary(error)) from error
+    if fatal := ray.get(reporter.fatal_error.remote()):  # ended early: the restarts did not train
+        raise TrainingFailed(fatal)
     records = ray.get(reporter.records.remote())
     figures = ray.get(reporter.figures.remote())
     ray.kill(reporter)

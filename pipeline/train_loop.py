@@ -144,7 +144,9 @@ def train_one_epoch(model, optimizer, scaler, batches: Prefetched, config: Confi
         loss_value = train_step(model, optimizer, scaler, images, targets, config, lr, device)
         end = time.perf_counter()
         if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"loss is {loss_value} at epoch {epoch} step {step} on worker {rank}")
+            reason = f"loss is {loss_value} at epoch {epoch} step {step} on worker {rank}"
+            ray.get(log.actor.stop.remote(f"worker {rank}: NonFiniteLoss: {reason}"))
+            raise NonFiniteLoss(reason)
         log.add(epoch, step, len(images), compute_start - wait_start, end - compute_start, loss_value, lr, start,
                 padding.image_pixels, padding.batch_pixels)
         step += 1
@@ -225,6 +227,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     log = StepLog(reporter, rank)
     padding = PaddingProbe(model)
     start_epoch, converged, saved = checkpoint.restore(_unwrap(model), optimizer, scaler)
+    if ray.get(reporter.fatal_error.remote()):
+        return  # retrying a non-finite loss from the same checkpoint would diverge again
     if rank == 0:
         ray.get(reporter.begin_attempt.remote(start_epoch, saved))
 

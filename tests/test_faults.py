@@ -3,6 +3,7 @@ a driver killed and the run resumed by its name. The driver runs as `python -m p
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,3 +116,23 @@ def test_a_run_resumes_by_its_name_after_the_driver_is_stopped(ray_head, twelve_
     attempts = results.load_records(run_dir)["attempts"]
     assert attempts["attempt"] == [0, 1] and attempts["resumed"] == [False, True]
     assert attempts["start_epoch"][0] == 0 and attempts["start_epoch"][1] >= 1
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_head, twelve_steps, tmp_path):
+    # Epoch 0 trains normally; from epoch 1 the lr is multiplied by 1e30, so the loss diverges.
+    # A restart is allowed, to show that a non-finite loss is not retried.
+    driver = start_driver(ray_head, twelve_steps, tmp_path, "diverged", "--max-epochs", "2", "--lr-steps", "1",
+                          "--lr-gamma", "1e30", "--max-failures", "1")
+    log = tmp_path / "diverged-driver.log"
+    try:
+        code = driver.wait(timeout=240)
+    finally:
+        for pid in session_pids(driver.pid):
+            os.kill(pid, signal.SIGKILL)
+    output = log.read_text()
+    assert code == 1, output[-4000:]
+    last = output.strip().splitlines()[-1]
+    assert re.fullmatch(r"frcnn-bench: training failed: worker (\d): NonFiniteLoss: "
+                        r"loss is (nan|inf|-inf) at epoch 1 step \d+ on worker \1", last), last
+    snapshot = json.loads((tmp_path / "diverged" / "checkpoint_manager_snapshot.json").read_text())
+    assert snapshot["latest_checkpoint_result"]["metrics"]["epoch"] == 0
