@@ -1,36 +1,39 @@
-"""The `frcnn-bench` command: `run` trains and writes a result; `synth` writes a synthetic data set;
-`benchmark` compares this pipeline with a plain DataLoader + DDP baseline."""
+"""The `frcnn-bench` command: `run` trains and writes a result; `report` builds the FlagPerf table of
+several runs; `synth` writes a synthetic data set; `benchmark` compares this pipeline with a plain
+DataLoader + DDP baseline."""
 
 import argparse
 import sys
 
 from pipeline import config as config_module
-from pipeline import synthetic
+from pipeline import report, synthetic
 from pipeline.manifest import AnnotationError
 from pipeline.model import WeightsError
 from pipeline.preflight import PreflightError
+from pipeline.report import ReportError
 
 # Problems with what the user gave: one line naming it, no traceback.
-USER_ERRORS = (config_module.ConfigError, AnnotationError, WeightsError, PreflightError, FileExistsError)
+USER_ERRORS = (config_module.ConfigError, AnnotationError, WeightsError, PreflightError, FileExistsError, ReportError)
 
 
 def _run(argv: list[str]) -> None:
+    from pipeline.results import summary
     from pipeline.run import TrainingFailed, run  # imports Ray and torch: only for this command
 
     parser = argparse.ArgumentParser(prog="frcnn-bench run", description="train Faster R-CNN with Ray and "
                                      "write the result row")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own output (worker logs, Ray Data progress, warnings) as well")
     config_module.add_arguments(parser)
     args = vars(parser.parse_args(argv))
+    verbose = args.pop("verbose")
     config = config_module.resolve(args.pop("preset"), **args)
     try:
-        result = run(config)
+        result = run(config, verbose=verbose, progress=sys.stdout)
     except TrainingFailed as error:
-        sys.exit(f"frcnn-bench: training failed: {error}")
-    print("\nepoch  mean loss  bbox mAP")
-    for epoch, (loss, score) in enumerate(zip(result["loss_per_epoch"], result["map_per_epoch"])):
-        print(f"{epoch:5d}  {loss:9.3f}  {score:8.3f}")
-    print(f"\nresults in {result['run_dir']}\n")
-    print(open(f"{result['run_dir']}/row.md").read(), end="")
+        hint = "" if verbose else " (tracebacks: rerun with --verbose, or Ray's logs, /tmp/ray/session_latest/logs)"
+        sys.exit(f"frcnn-bench: training failed: {error}{hint}")
+    print(f"\n{summary(result)}", end="")
 
 
 def _benchmark(argv: list[str]) -> None:
@@ -41,6 +44,7 @@ def _benchmark(argv: list[str]) -> None:
 
 COMMANDS = {
     "run": (_run, "train Faster R-CNN with Ray and write the result row"),
+    "report": (report.main, "the FlagPerf table, with scaling efficiency, of several runs' results"),
     "synth": (synthetic.main, "write a synthetic COCO 2017-format data set"),
     "benchmark": (_benchmark, "this pipeline against a plain DataLoader + DDP baseline"),
 }

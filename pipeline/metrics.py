@@ -126,7 +126,8 @@ def per_worker(steps: dict, epochs: dict, workers: dict) -> list[dict]:
         train = sum(s for w, s in zip(epochs["worker"], epochs["train_s"]) if w == worker)
         rows.append({
             "worker": worker, "node": workers["node"][i], "node_ip": workers["node_ip"][i],
-            "node_rank": workers["node_rank"][i], "steps": len(mine), "images": images,
+            "node_rank": workers["node_rank"][i], "device": workers["device"][i],
+            "mem_peak_gib": workers["mem_peak_bytes"][i] / GIB, "steps": len(mine), "images": images,
             "data_wait_s": data_wait, "compute_s": compute, "train_s": train,
             "images_per_s": images / train if train else 0.0,
             "core_images_per_s": images / compute if compute else 0.0,

@@ -7,6 +7,7 @@ in that checkpoint (epochs before k), so work done after the checkpoint and lost
 workers is counted once, as lost, never in the figures (see `begin_attempt`).
 """
 
+import collections
 import time
 
 import ray
@@ -26,6 +27,8 @@ TABLES = {
     "bad_images": ("split", "image_id", "path", "reason"),
 }
 STEP_COLUMNS = TABLES["steps"]
+# Live progress: "images/s now" counts the steps that ended in the last RECENT_S seconds.
+RECENT_S = 10.0
 
 
 def empty_records() -> dict:
@@ -41,6 +44,13 @@ class ReportingActor:
     def __init__(self):
         self.tables = empty_records()
         self.fatal = ""
+        self._reset_live(start_epoch=0)
+
+    def _reset_live(self, start_epoch: int) -> None:
+        self.start_epoch, self.started = start_epoch, None  # this attempt's first epoch, first step's start
+        self.latest: dict[int, tuple] = {}  # worker -> (epoch, step, loss) of its latest step
+        self.recent: collections.deque = collections.deque()  # (end, images) of recent steps
+        self.evaluated: dict[int, tuple] = {}  # worker -> (epoch, val images inferred so far)
 
     def stop(self, reason: str) -> None:
         """A failure that a restart cannot mend (a non-finite loss): attempts after it end at once."""
@@ -57,6 +67,25 @@ class ReportingActor:
         for row in rows:
             for name, value in zip(STEP_COLUMNS, row):
                 self.tables["steps"][name].append(value)
+            step = dict(zip(STEP_COLUMNS, row))
+            self.latest[step["worker"]] = (step["epoch"], step["step"], step["loss"])
+            self.recent.append((step["end"], step["images"]))
+            self.started = min(self.started or step["start"], step["start"])
+
+    def evaluating(self, worker: int, epoch: int, images: int) -> None:
+        self.evaluated[worker] = (epoch, images)
+
+    def progress(self) -> dict:
+        """What the driver's progress display shows; cheap however long the run (see RECENT_S)."""
+        now = time.time()
+        while self.recent and self.recent[0][0] < now - RECENT_S:
+            self.recent.popleft()
+        window = min(RECENT_S, now - self.started) if self.started else 0.0
+        epochs = self.tables["epochs"]
+        scores = [(e, m) for w, e, m in zip(epochs["worker"], epochs["epoch"], epochs["map"]) if w == 0]
+        return {"now": now, "started": self.started, "start_epoch": self.start_epoch, "latest": dict(self.latest),
+                "images_per_s": sum(images for _, images in self.recent) / window if window > 0 else 0.0,
+                "evaluated": dict(self.evaluated), "last_map": scores[-1] if scores else None}
 
     def add_epoch(self, row: dict) -> None:
         self._append("epochs", row)
@@ -90,6 +119,7 @@ class ReportingActor:
             for name in ("steps", "epochs"):
                 table = self.tables[name]
                 self.tables[name] = _keep(table, [i for i, e in enumerate(table["epoch"]) if e < start_epoch])
+        self._reset_live(start_epoch)
         now = time.time()
         kept_end = max(self.tables["steps"]["end"], default=None)
         previous = attempts["started"][-1] if attempts["started"] else None
@@ -106,20 +136,22 @@ class ReportingActor:
 
 
 class StepLog:
-    """A worker's side of the channel: one tuple per step, sent every `flush_every` steps."""
+    """A worker's side of the channel: one tuple per step, sent every `flush_every` steps or
+    `flush_s` seconds, whichever comes first (the driver's progress display lags by at most that)."""
 
-    def __init__(self, actor, worker: int, flush_every: int = 50):
-        self.actor, self.worker, self.flush_every = actor, worker, flush_every
+    def __init__(self, actor, worker: int, flush_every: int = 50, flush_s: float = 2.0):
+        self.actor, self.worker, self.flush_every, self.flush_s = actor, worker, flush_every, flush_s
         self.rows: list[tuple] = []
+        self.flushed = time.time()
 
     def add(self, epoch: int, step: int, images: int, data_wait_s: float, compute_s: float,
             loss: float, lr: float, start: float, image_pixels: int, batch_pixels: int) -> None:
         self.rows.append((self.worker, epoch, step, images, data_wait_s, compute_s, loss, lr, start, time.time(),
                           image_pixels, batch_pixels))
-        if len(self.rows) >= self.flush_every:
+        if len(self.rows) >= self.flush_every or time.time() - self.flushed >= self.flush_s:
             self.flush()
 
     def flush(self) -> ray.ObjectRef:
         ref = self.actor.add_steps.remote(self.rows)
-        self.rows = []
+        self.rows, self.flushed = [], time.time()
         return ref

@@ -14,7 +14,7 @@ from pipeline.reporting import TABLES
 ROW_COLUMNS = ("config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "map", "mem")
 
 
-def _number(value: float) -> str:
+def number(value: float) -> str:
     """Throughput with three significant digits, so CPU runs (0.8 images/s) keep theirs too."""
     return f"{value:.0f}" if value >= 100 else f"{value:#.3g}"
 
@@ -25,9 +25,9 @@ def flagperf_row(result: dict) -> dict:
         "precision": result["config"]["precision"],
         "fix_hp": result["config"]["fix_hp"],
         "e2e_time": f"{result['e2e_time']:.0f}",
-        "p_whole": _number(result["p_whole"]),
-        "p_train": _number(result["p_train"]),
-        "p_core": _number(result["p_core"]),
+        "p_whole": number(result["p_whole"]),
+        "p_train": number(result["p_train"]),
+        "p_core": number(result["p_core"]),
         "map": f"{100 * result['map']:.1f}%",
         "mem": result["mem"],
     }
@@ -36,6 +36,31 @@ def flagperf_row(result: dict) -> dict:
 def markdown_table(rows: list[dict], columns=ROW_COLUMNS) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
     lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> str:
+    """What `frcnn-bench run` prints at the end: loss and mAP per epoch, the result row, the
+    per-worker table and where the files are."""
+    lines = ["epoch  mean loss  bbox mAP"]
+    lines += [f"{epoch + 1:5d}  {loss:9.3f}  {score:8.3f}"
+              for epoch, (loss, score) in enumerate(zip(result["loss_per_epoch"], result["map_per_epoch"]))]
+    lines += ["", "result row:", markdown_table([flagperf_row(result)]), "per worker:"]
+    workers = [{"worker": w["worker"], "node": w["node_ip"], "device": w["device"], "steps": w["steps"],
+                "images": w["images"], "images/s": number(w["images_per_s"]),
+                "compute images/s": number(w["core_images_per_s"]),
+                "data wait": f"{100 * w['data_wait_share']:.1f}%", "mem peak GiB": f"{w['mem_peak_gib']:.1f}"}
+               for w in result["per_worker"]]
+    lines += [markdown_table(workers, columns=tuple(workers[0])), f"files in {result['run_dir']}:",
+              "  result.json, row.md; raw logs: steps.parquet, epochs.jsonl, workers.jsonl, attempts.jsonl, "
+              "bad_images.jsonl",
+              "  plots: " + ", ".join(Path(p).name for p in result["plots"])]
+    if result["attempts"] > 1:
+        lines.append(f"restarts: {result['attempts'] - 1}, {result['time_lost_s']:.0f} s and "
+                     f"{result['lost_images']} images of lost work (not in the figures)")
+    bad = sum(len(paths) for paths in result["bad_images"].values())
+    if bad:
+        lines.append(f"images left out as unusable: {bad} (listed in result.json)")
     return "\n".join(lines) + "\n"
 
 

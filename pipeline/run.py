@@ -12,11 +12,12 @@ import torchvision
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
-from pipeline import data, metrics, results, synthetic
+from pipeline import data, metrics, plots, results, synthetic
 from pipeline.config import Config, to_dict
 from pipeline.manifest import build_manifest, split_paths
 from pipeline.model import checked_weights_file, local_weights_file
 from pipeline.preflight import PreflightError, check_nodes_see, check_resources
+from pipeline.progress import Progress, quiet_ray_data, quiet_ray_init_options
 from pipeline.reporting import ReportingActor
 from pipeline.train_loop import train_loop_per_worker
 
@@ -66,15 +67,20 @@ def prepare_data(config: Config) -> Path:
     return root
 
 
-def connect(config: Config) -> None:
+def connect(config: Config, verbose: bool) -> str:
+    """Connects to Ray as configured; says which Ray."""
     if ray.is_initialized():
-        return
+        return "already connected"
+    options = quiet_ray_init_options(verbose)
     if config.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=config.ray_address or None)
-    else:
-        # A fresh local Ray. Each Train worker holds one logical CPU; leave at least two for Ray
-        # Data's decoding, or the stream waits forever for a CPU on a small machine.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, config.num_workers + 2))
+        address = config.ray_address or os.environ["RAY_ADDRESS"]
+        ray.init(address=config.ray_address or None, **options)
+        return f"joined the cluster at {address}"
+    # A fresh local Ray. Each Train worker holds one logical CPU; leave at least two for Ray
+    # Data's decoding, or the stream waits forever for a CPU on a small machine.
+    num_cpus = max(os.cpu_count() or 1, config.num_workers + 2)
+    ray.init(address="local", num_cpus=num_cpus, **options)
+    return f"started a local instance with {num_cpus} CPUs"
 
 
 def config_label(workers: dict) -> str:
@@ -85,7 +91,10 @@ def config_label(workers: dict) -> str:
     return f"{len(per_node)}x{max(per_node.values())}"
 
 
-def run(config: Config) -> dict:
+def run(config: Config, verbose: bool = False, progress=None) -> dict:
+    """Trains as configured and writes the results directory; returns result.json's content.
+    Unless `verbose`, Ray's own output stays in its logs; with a `progress` stream (stdout) the
+    run's progress is shown on it (see pipeline.progress)."""
     process_start = process_start_time()
     run_name = config.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(config.output_dir).resolve() / run_name
@@ -102,7 +111,10 @@ def run(config: Config) -> dict:
                                  f"{needed} needed for {world} workers")
     # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
     steps_per_epoch = math.ceil(train_manifest.num_rows // world / config.batch_size)
-    connect(config)
+    connection = connect(config, verbose)
+    if progress is not None:
+        print(f"Ray: {connection}; results: {run_dir}", file=progress, flush=True)
+    quiet_ray_data(verbose)
     check_resources(config)
     annotations, images = zip(*(split_paths(root, split) for split in ("train", "val")))
     check_nodes_see([p.resolve() for p in (*annotations, *images, *weights)], run_dir.parent)
@@ -123,7 +135,11 @@ def run(config: Config) -> dict:
         dataset_config=data.ShardingConfig(),
     )
     try:
-        trainer.fit()
+        if progress is None:
+            trainer.fit()
+        else:
+            with Progress(reporter, steps_per_epoch, config.max_epochs, val_manifest.num_rows, progress):
+                trainer.fit()
     except TrainingFailedError as error:
         raise TrainingFailed(failure_summary(error)) from error
     if fatal := ray.get(reporter.fatal_error.remote()):  # ended early: the restarts did not train
@@ -164,6 +180,7 @@ def run(config: Config) -> dict:
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     results.write_records(run_dir, records)
+    result["plots"] = [str(path) for path in plots.write_run_plots(run_dir, records)]
     result["e2e_time"] = metrics.e2e_time(process_start, time.time())
     results.write_result(run_dir, result)
     return result

@@ -155,12 +155,14 @@ def train_one_epoch(model, optimizer, scaler, batches: Prefetched, config: Confi
 
 
 @torch.no_grad()
-def infer_shard(model, shard, config: Config, device: torch.device) -> tuple[list[int], list[dict]]:
+def infer_shard(model, shard, config: Config, device: torch.device, reporter, rank: int,
+                epoch: int) -> tuple[list[int], list[dict]]:
     """This worker's share of the val stream -> (image ids seen, COCO detections). In fp32 whatever
     the training precision, as torchvision's reference evaluates: bf16 box coordinates would be
-    off by pixels."""
+    off by pixels. How far it got goes to the reporting actor every 2 s, for the progress display."""
     model.eval()
     seen, detections = [], []
+    told = time.time()
     for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                     prefetch_batches=config.prefetch_batches):
         image_ids, images, targets = to_tensors(batch, pin=device.type == "cuda")
@@ -168,15 +170,21 @@ def infer_shard(model, shard, config: Config, device: torch.device) -> tuple[lis
         outputs = model(images)
         seen += image_ids
         detections += evaluation.coco_detections(image_ids, outputs)
+        if time.time() - told >= 2.0:
+            reporter.evaluating.remote(rank, epoch, len(seen))
+            told = time.time()
+    reporter.evaluating.remote(rank, epoch, len(seen))
     model.train()
     return seen, detections
 
 
-def evaluate(model, shard, config: Config, device: torch.device, ground_truth, reporter) -> tuple[dict, int]:
+def evaluate(model, shard, config: Config, device: torch.device, ground_truth, reporter,
+             epoch: int) -> tuple[dict, int]:
     """Infer this worker's share, gather on rank 0, COCOeval there over every val image but those
     that could not be decoded (recorded with the reporting actor), share the result with all.
     Returns the scores and the number of images this worker inferred."""
-    seen, detections = infer_shard(_unwrap(model), shard, config, device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    seen, detections = infer_shard(_unwrap(model), shard, config, device, reporter, rank, epoch)
     inferred = len(seen)
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -244,7 +252,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_end = time.perf_counter()
         if epoch + 1 < config.max_epochs:
             train_batches = Prefetched(train_shard, config)  # the next epoch fills during evaluation
-        scores, inferred = evaluate(model, val_shard, config, device, ground_truth, reporter)
+        scores, inferred = evaluate(model, val_shard, config, device, ground_truth, reporter, epoch)
         _barrier(device)
         end = time.perf_counter()
         epoch_row = {"worker": rank, "epoch": epoch, "train_s": train_end - start, "eval_s": end - train_end,

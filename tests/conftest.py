@@ -45,7 +45,11 @@ class RayHead:
              "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
              "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
              "--num-cpus", str(num_cpus), "--disable-usage-stats"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=venv_env())
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            # Ray Train's placement-group cleaner asks the state API whether its controller lives;
+            # without an address that API picks the cluster started last on this machine, and
+            # removes the run's placement group when the actor is not found there.
+            env=venv_env(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{self.dashboard_port}"))
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 90) -> None:

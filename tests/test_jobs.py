@@ -3,6 +3,7 @@ test starts, and the same entrypoint starting its own local Ray."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,13 +43,23 @@ def test_readme_job_command_runs_the_smoke_job(ray_head, tmp_path):
                                        FRCNN_RESULTS=str(tmp_path)))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
-    # The job's log (which `ray job submit` follows) ends with the result row.
+    # The job's log (which `ray job submit` follows) ends with the run's summary.
     assert "| config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |" in done.stdout
     (run_dir,) = tmp_path.iterdir()
     result = json.loads((run_dir / "result.json").read_text())
     assert run_dir.name.startswith("smoke-") and result["config"]["preset"] == "smoke"
     assert result["workers"] == 2 and result["images_trained"] > 0
     assert f"| {result['config_label']} | fp32 | smoke |" in done.stdout
+    assert "Ray: joined the cluster at" in done.stdout and not re.search(r"\(RayTrainWorker pid=", done.stdout)
+
+
+def test_verbose_shows_what_ray_says(ray_head, tiny_coco, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--preset", "smoke", "--verbose",
+                           "--synthetic-train-images", "0", "--data-root", str(tiny_coco), "--output-dir", str(tmp_path)],
+                          cwd=ROOT, env=venv_env(RAY_ADDRESS=ray_head.address), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"\(RayTrainWorker pid=\d+\)", done.stdout + done.stderr)
 
 
 def test_the_same_entrypoint_starts_a_local_ray_without_a_cluster(tmp_path):
@@ -64,6 +75,21 @@ def test_the_same_entrypoint_starts_a_local_ray_without_a_cluster(tmp_path):
         for pid in session_pids(process.pid):  # whatever the local Ray left behind
             os.kill(pid, signal.SIGKILL)
     assert process.returncode == 0, output[-3000:]
-    assert "Started a local Ray instance" in output
+    assert "Ray: started a local instance" in output
     (run_dir,) = (tmp_path / "results").iterdir()
     assert json.loads((run_dir / "result.json").read_text())["workers"] == 2
+    check_quiet_line_output(output)
+
+
+# Ray's own output: lines prefixed "(ActorName pid=N)", its loggers' "INFO"/"WARNING" lines (the
+# "Failed to query Ray Train Controller actor state" one among them), warnings, tracebacks.
+RAY_NOISE = re.compile(r"\(\w+ pid=\d+|\b(INFO|WARNING|ERROR)\b|Failed to query|[Ww]arning:|Traceback|Dataset \w+ execution")
+
+
+def check_quiet_line_output(output: str) -> None:
+    """Output that is not a terminal's: plain lines, progress among them, none of Ray's own."""
+    assert "\r" not in output and "\x1b" not in output
+    lines = output.splitlines()
+    assert not [line for line in lines if RAY_NOISE.search(line)], output
+    assert any(re.match(r" *\d+%  epoch 1/1  step \d+/\d+  [\d.]+ img/s  loss [\d.]+", line) for line in lines), output
+    assert "result row:" in lines and "per worker:" in lines

@@ -90,6 +90,7 @@ def test_per_worker_shows_the_straggler():
     fast, slow = metrics.per_worker(STEPS, EPOCHS, WORKERS)
     assert fast["worker"] == 0 and fast["node"] == "a" and fast["steps"] == 3
     assert fast["node_ip"] == "10.0.0.1" and fast["node_rank"] == 0
+    assert fast["device"] == "NVIDIA A100-SXM4-40GB" and slow["mem_peak_gib"] == pytest.approx(7.9)
     assert fast["images"] == 6
     assert fast["data_wait_s"] == 0.75
     assert fast["compute_s"] == 1.5

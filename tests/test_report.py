@@ -1,0 +1,85 @@
+"""`frcnn-bench report` over the results of two real tiny runs (1 and 2 workers), and the plots
+each run writes."""
+
+import csv
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from pipeline import cli
+from pipeline.plots import DPI, SIZE
+from pipeline.report import ReportError
+from pipeline.results import flagperf_row
+from pipeline.run import run
+from test_run import tiny_config
+
+PIXELS = (SIZE[0] * DPI, SIZE[1] * DPI)
+
+
+@pytest.fixture(scope="module")
+def two_runs(ray_head, tiny_coco, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs")
+    for workers in (2, 1):
+        run(tiny_config(ray_head, tiny_coco, folder, num_workers=workers, run_name=f"w{workers}"))
+    return folder
+
+
+def result(folder, name) -> dict:
+    return json.loads((folder / name / "result.json").read_text())
+
+
+def check_png(path) -> None:
+    assert path.stat().st_size > 0
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == PIXELS
+        image.load()
+
+
+def test_report_builds_the_table_from_the_results(two_runs, tmp_path, capsys):
+    cli.main(["report", str(two_runs), "--output-dir", str(tmp_path)])
+    one, two = result(two_runs, "w1"), result(two_runs, "w2")
+    table = json.loads((tmp_path / "report.json").read_text())
+    assert [row["run"] for row in table] == ["w1", "w2"]
+    for row, source in zip(table, (one, two)):
+        assert row["config"] == source["config_label"] and row["precision"] == source["config"]["precision"]
+        assert row["fix_hp"] == source["config"]["fix_hp"] and row["devices"] == source["workers"]
+        for key in ("e2e_time", "p_whole", "p_train", "p_core", "map", "mem"):
+            assert row[key] == source[key]
+    assert [row["config"] for row in table] == ["1x1", "1x2"]
+    assert table[0]["scaling_efficiency"] == 1.0
+    assert table[1]["p_train_per_device"] == two["p_train"] / 2
+    assert table[1]["scaling_efficiency"] == pytest.approx(two["p_train"] / 2 / one["p_train"], rel=1e-12)
+
+    with open(tmp_path / "report.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["run"], float(r["p_train"]), float(r["scaling_efficiency"])) for r in rows] == [
+        (r["run"], r["p_train"], r["scaling_efficiency"]) for r in table]
+
+    markdown = (tmp_path / "report.md").read_text().splitlines()
+    assert markdown[0].startswith("| run | config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |")
+    shown = flagperf_row(two)
+    assert markdown[3].startswith(f"| w2 | {' | '.join(str(shown[c]) for c in shown)} | 2 |")
+    assert markdown[3].endswith(f" | {100 * table[1]['scaling_efficiency']:.1f}% |")
+    assert capsys.readouterr().out.startswith(markdown[0])
+    check_png(tmp_path / "throughput_vs_devices.png")
+
+
+def test_each_run_writes_its_plots(two_runs):
+    for name in ("w1", "w2"):
+        plots = result(two_runs, name)["plots"]
+        assert [p.rsplit("/", 1)[1] for p in plots] == ["loss.png", "map.png", "throughput.png", "time.png"]
+        for path in plots:
+            check_png(two_runs / name / path.rsplit("/", 1)[1])
+
+
+def test_report_refusals(two_runs, tmp_path):
+    with pytest.raises(ReportError, match=f"{tmp_path}: no result.json"):
+        cli.report.main([str(tmp_path)])
+    again = json.loads((two_runs / "w1" / "result.json").read_text())
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "result.json").write_text(json.dumps({**again, "run_name": "again"}))
+    with pytest.raises(ReportError, match=r"2 one-device fp32 runs \(w1, again\)|2 one-device fp32 runs \(again, w1\)"):
+        cli.report.main([str(two_runs), str(tmp_path / "again"), "--output-dir", str(tmp_path / "out")])
+    shutil.rmtree(tmp_path / "again")
