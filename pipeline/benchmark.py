@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                      batch_size=args.batch_size, precision=args.precision, lr=0.01, clip_grad_norm=10.0,
                      max_epochs=1, target_map=1.0)
     manifest, _ = build_manifest(*split_paths(root, "train"), drop_empty=True)
-    connect(config)
+    connect(config, verbose=False)
     decode, runs = [], {variant: [] for variant in VARIANTS}
     for repeat in range(args.repeats):
         decode.append(decode_throughput(manifest, config))
