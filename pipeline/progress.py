@@ -60,25 +60,21 @@ def describe(snapshot: dict, steps_per_epoch: int, max_epochs: int, val_images: 
     epoch, step = min((e, s) for e, s, _ in latest.values())
     done = epoch * steps_per_epoch + step + 1
     eval_epoch = max((e for e, _ in evaluated.values()), default=-1)
-    parts = [f"epoch {epoch + 1}/{max_epochs}"]
-    if eval_epoch >= max(e for e, _, _ in latest.values()):
-        epoch = eval_epoch
+    if eval_epoch >= max(e for e, _, _ in latest.values()):  # evaluating the last epoch trained
         inferred = sum(n for e, n in evaluated.values() if e == eval_epoch)
-        parts = [f"epoch {epoch + 1}/{max_epochs}", f"eval {inferred}/{val_images} images"
-                 + ("" if inferred < val_images else ", COCOeval")]
-        phase = (epoch, "eval")
+        phase = (eval_epoch, "eval")
+        where = f"eval {inferred}/{val_images} images" + ("" if inferred < val_images else ", COCOeval")
     else:
-        parts.append(f"step {step + 1}/{steps_per_epoch}")
         phase = (epoch, "train")
-    fraction = min(1.0, done / total)
-    parts.append(f"{snapshot['images_per_s']:.1f} img/s")
+        where = f"step {step + 1}/{steps_per_epoch}"
+    parts = [f"epoch {phase[0] + 1}/{max_epochs}", where, f"{snapshot['images_per_s']:.1f} img/s"]
     parts.append(f"loss {sum(loss for _, _, loss in latest.values()) / len(latest):.3f}")
     if snapshot["last_map"] is not None:
         parts.append(f"mAP {snapshot['last_map'][1]:.3f} (epoch {snapshot['last_map'][0] + 1})")
     done_here = done - snapshot["start_epoch"] * steps_per_epoch
     if done_here > 0 and done < total:
         parts.append(f"ETA {duration((snapshot['now'] - snapshot['started']) * (total - done) / done_here)}")
-    return phase, "  ".join(parts), fraction
+    return phase, "  ".join(parts), min(1.0, done / total)
 
 
 class Progress:
