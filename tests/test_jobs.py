@@ -86,10 +86,16 @@ def test_the_same_entrypoint_starts_a_local_ray_without_a_cluster(tmp_path):
 RAY_NOISE = re.compile(r"\(\w+ pid=\d+|\b(INFO|WARNING|ERROR)\b|Failed to query|[Ww]arning:|Traceback|Dataset \w+ execution")
 
 
+# The one exception: what the raylet pushes to every driver (real errors such as a worker killed
+# for memory, and this warning on machines of few cores), which Ray offers no way to filter
+# (ray-project/ray#63800); the README says so.
+WORKER_POOL_WARNING = re.compile(r"\(raylet\)(\x1b\[0m)? WARNING: \d+ PYTHON worker processes have been started on node")
+
+
 def check_quiet_line_output(output: str) -> None:
     """Output that is not a terminal's: plain lines, progress among them, none of Ray's own."""
-    assert "\r" not in output and "\x1b" not in output
-    lines = output.splitlines()
+    lines = [line for line in output.splitlines() if not WORKER_POOL_WARNING.search(line)]
+    assert "\r" not in output and not [line for line in lines if "\x1b" in line]
     assert not [line for line in lines if RAY_NOISE.search(line)], output
     assert any(re.match(r" *\d+%  epoch 1/1  step \d+/\d+  [\d.]+ img/s  loss [\d.]+", line) for line in lines), output
     assert "result row:" in lines and "per worker:" in lines
