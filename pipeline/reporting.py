@@ -65,9 +65,9 @@ class ReportingActor:
 
     def add_steps(self, rows: list[tuple]) -> None:
         for row in rows:
-            for name, value in zip(STEP_COLUMNS, row):
-                self.tables["steps"][name].append(value)
             step = dict(zip(STEP_COLUMNS, row))
+            for name, value in step.items():
+                self.tables["steps"][name].append(value)
             self.latest[step["worker"]] = (step["epoch"], step["step"], step["loss"])
             self.recent.append((step["end"], step["images"]))
             self.started = min(self.started or step["start"], step["start"])
@@ -146,9 +146,10 @@ class StepLog:
 
     def add(self, epoch: int, step: int, images: int, data_wait_s: float, compute_s: float,
             loss: float, lr: float, start: float, image_pixels: int, batch_pixels: int) -> None:
-        self.rows.append((self.worker, epoch, step, images, data_wait_s, compute_s, loss, lr, start, time.time(),
+        now = time.time()
+        self.rows.append((self.worker, epoch, step, images, data_wait_s, compute_s, loss, lr, start, now,
                           image_pixels, batch_pixels))
-        if len(self.rows) >= self.flush_every or time.time() - self.flushed >= self.flush_s:
+        if len(self.rows) >= self.flush_every or now - self.flushed >= self.flush_s:
             self.flush()
 
     def flush(self) -> ray.ObjectRef:

@@ -1,5 +1,6 @@
 """The driver: data set -> manifests -> Ray Data streams -> TorchTrainer -> result files."""
 
+import contextlib
 import math
 import os
 import platform
@@ -135,11 +136,9 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
         dataset_config=data.ShardingConfig(),
     )
     try:
-        if progress is None:
+        with (contextlib.nullcontext() if progress is None else
+              Progress(reporter, steps_per_epoch, config.max_epochs, val_manifest.num_rows, progress)):
             trainer.fit()
-        else:
-            with Progress(reporter, steps_per_epoch, config.max_epochs, val_manifest.num_rows, progress):
-                trainer.fit()
     except TrainingFailedError as error:
         raise TrainingFailed(failure_summary(error)) from error
     if fatal := ray.get(reporter.fatal_error.remote()):  # ended early: the restarts did not train
