@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from pipeline import images, recipe
+from pipeline import images, recipe, step
 from pipeline.config import Config
 from pipeline.model import build_model
-from pipeline.train_loop import PaddingProbe, train_step
+from pipeline.train_loop import PaddingProbe
 
 
 class CocoDetectionDataset(Dataset):
@@ -70,25 +70,28 @@ def _worker(rank: int, world: int, port: int, config: Config, manifest: pa.Table
                         collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=loader_workers > 0)
     steps = {name: [] for name in ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss",
                                    "image_pixels", "batch_pixels")}
-    epochs = {"worker": [], "epoch": [], "train_s": [], "eval_s": []}
+    epochs = {"worker": [], "epoch": [], "start": [], "end": [], "train_s": [], "eval_s": []}
     steps_per_epoch = len(loader)
     for epoch in range(config.max_epochs):
         sampler.set_epoch(epoch)
+        epoch_start = time.time()
         dist.barrier()
         start = time.perf_counter()
         batches = iter(loader)
-        for step in range(steps_per_epoch):
+        for index in range(steps_per_epoch):
             wait_start = time.perf_counter()
             images, targets = next(batches)
             compute_start = time.perf_counter()
-            lr = recipe.learning_rate(config, epoch, step, steps_per_epoch)
-            loss_value = train_step(model, optimizer, scaler, images, targets, config, lr, device)
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.learning_rate(config, epoch, index, steps_per_epoch)
+            loss, _, _ = step.train_step(model, optimizer, scaler, images, targets, config.precision,
+                                         config.clip_grad_norm, device)
             end = time.perf_counter()
-            for name, value in zip(steps, (rank, epoch, step, len(images), compute_start - wait_start,
-                                           end - compute_start, loss_value, padding.image_pixels, padding.batch_pixels)):
+            for name, value in zip(steps, (rank, epoch, index, len(images), compute_start - wait_start,
+                                           end - compute_start, loss, padding.image_pixels, padding.batch_pixels)):
                 steps[name].append(value)
         dist.barrier()
-        for name, value in zip(epochs, (rank, epoch, time.perf_counter() - start, 0.0)):
+        for name, value in zip(epochs, (rank, epoch, epoch_start, time.time(), time.perf_counter() - start, 0.0)):
             epochs[name].append(value)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"steps": steps, "epochs": epochs}))
     dist.destroy_process_group()

@@ -62,7 +62,9 @@ def reporting_cost(steps: int = 2000) -> float:
     log = StepLog(actor, worker=0)
     start = time.perf_counter()
     for step in range(steps):
-        log.add(0, step, 2, 0.001, 0.5, 1.0, 0.02, time.time(), 1000, 1200)
+        log.add({"epoch": 0, "step": step, "images": 2, "data_wait_s": 0.001, "compute_s": 0.5, "loss": 1.0,
+                 "lr": 0.02, "start": time.time(), "image_pixels": 1000, "batch_pixels": 1200, "loss_scale": 1.0,
+                 "skipped": False})
     ray.get(log.flush())
     cost = (time.perf_counter() - start) / steps
     ray.kill(actor)

@@ -7,11 +7,16 @@ predictions) about ten times faster; faster-coco-eval is the default, pycocotool
 
 import builtins
 import contextlib
+import math
 
 import faster_coco_eval
 import pycocotools.coco
 import pycocotools.cocoeval
 import torch
+
+# A mAP is a figure of the val split only when at least this share of its images were evaluated
+# (the others could not be decoded); fewer stop the run (see check_enough_evaluated).
+MIN_EVALUATED_SHARE = 0.5
 
 EVALUATORS = {
     "faster-coco-eval": (faster_coco_eval.COCO, faster_coco_eval.COCOeval_faster),
@@ -57,6 +62,21 @@ def check_exactly_once(ground_truth, evaluated_ids: list[int], left_out: list[in
         raise RuntimeError(f"evaluation saw {len(evaluated_ids)} inferences of {len(seen)} distinct images; "
                            f"expected each of the {len(expected)} val images once "
                            f"(missing {len(expected - seen)}, unknown {len(seen - expected)})")
+
+
+class TooFewEvaluated(RuntimeError):
+    pass
+
+
+def check_enough_evaluated(val_images: int, evaluated: int, unusable: list[str]) -> None:
+    """A mAP over fewer than MIN_EVALUATED_SHARE of the val images (none, say, when all of them
+    are unreadable) would be reported as the split's: refused, naming an unusable image."""
+    needed = max(1, math.ceil(MIN_EVALUATED_SHARE * val_images))
+    if evaluated < needed:
+        example = f"; the first: {unusable[0]}" if unusable else ""
+        raise TooFewEvaluated(f"val: {evaluated} of {val_images} images could be evaluated, {len(unusable)} are "
+                              f"unusable{example}; a mAP needs at least {needed} ({MIN_EVALUATED_SHARE:.0%} of the "
+                              f"split)")
 
 
 def coco_map(ground_truth, detections: list[dict], evaluator: str, image_ids: list[int] | None = None) -> dict:

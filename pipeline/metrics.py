@@ -4,17 +4,23 @@ Inputs are columns (dict of equal-length lists), as the reporting actor gathers 
 the run's raw logs store them, so the row can be recomputed from the logs:
 
 steps  (one row per training step per worker): worker, epoch, step, images, data_wait_s,
-       compute_s, loss, lr, start, end (unix times), image_pixels (of the resized images)
-       and batch_pixels (of the padded tensor the model's transform made of them).
+       compute_s, loss, lr, start, end (unix times), image_pixels (of the resized images),
+       batch_pixels (of the padded tensor the model's transform made of them), loss_scale
+       (after the step's update; 1.0 without loss scaling) and skipped (the loss scaler found
+       inf/nan gradients and skipped the optimizer step).
        data_wait_s: waiting for the next batch from Ray Data and making tensors of it.
        compute_s: device copy + forward + backward + optimizer step, ended by a device
        synchronisation on accelerators so that queued work is counted where it belongs.
-epochs (one row per epoch per worker): worker, epoch, train_s, eval_s, eval_images (val
-       images this worker inferred), map, ap50, ap75.
+epochs (one row per epoch per worker): worker, epoch, start, end (unix times), train_s,
+       eval_s, eval_images (val images this worker inferred), map, ap50, ap75, energy_j.
+       start..end is the whole epoch on that worker: its barriers, training, evaluation, the
+       records sent, the checkpoint saved and reported; the next epoch starts at the same
+       instant (the same clock reading), so the epochs of a run tile its training wall time.
        Workers pass a barrier before and after each phase, so a phase's wall time is the
        same on all workers up to the barrier's skew; the slowest worker's figure counts.
        train_s: the epoch's training phase. eval_s: from the end of training to the end of
-       the epoch (inference, gathering, COCOeval, the stop decision).
+       the epoch's evaluation (inference, gathering, COCOeval, the stop decision).
+       energy_j: the device's energy over the training phase (NVML), None without a counter.
 workers (one row per worker): worker, node (Ray's node id), node_ip, node_rank (Ray
        Train's, by IP), device, mem_peak_bytes, mem_total_bytes, mem_kind, env (the
        configured worker_env as the worker process had it).
@@ -55,9 +61,20 @@ def compute_time(steps: dict) -> float:
     return max(per_worker.values())
 
 
+def whole_time(epochs: dict) -> float:
+    """The slowest worker's Σ over epochs of (end - start): without restarts, the wall time from
+    the first epoch's start to the last epoch's end on that worker, everything in between
+    included (training, evaluation, checkpoints, reports, barriers). With restarts, the epochs
+    kept from each attempt; the time lost between attempts is in time_lost_s, not here."""
+    per_worker = defaultdict(float)
+    for worker, start, end in zip(epochs["worker"], epochs["start"], epochs["end"]):
+        per_worker[worker] += end - start
+    return max(per_worker.values())
+
+
 def p_whole(steps: dict, epochs: dict) -> float:
-    """images_trained / (training_time + evaluation_time): whole training, evaluation included."""
-    return images_trained(steps) / (training_time(epochs) + evaluation_time(epochs))
+    """images_trained / whole_time: FlagPerf's throughput over the whole training time."""
+    return images_trained(steps) / whole_time(epochs)
 
 
 def p_train(steps: dict, epochs: dict) -> float:
@@ -68,9 +85,39 @@ def p_train(steps: dict, epochs: dict) -> float:
 def p_core(steps: dict) -> float:
     """images_trained / compute_time: compute only, data loading excluded.
 
-    p_core >= p_train >= p_whole holds by construction: every step's compute lies inside its
-    worker's training phase, and evaluation time is never negative."""
+    p_core >= p_train >= p_whole: every step's compute lies inside its worker's training phase,
+    and every worker's epochs hold their training phases, which barriers align across workers
+    (to within the barrier's skew, microseconds to milliseconds against phases of seconds)."""
     return images_trained(steps) / compute_time(steps)
+
+
+def time_to_target(steps: dict, epochs: dict, target_map: float) -> float | None:
+    """Seconds from the first training step's start (any worker) to the end, on the slowest
+    worker, of the first epoch whose mAP reached target_map (MLPerf's time to train); None when
+    no epoch reached it. Wall time: a restart's lost time is in it."""
+    reached = sorted(e for e, m in zip(epochs["epoch"], epochs["map"]) if m >= target_map)
+    if not reached:
+        return None
+    end = max(t for e, t in zip(epochs["epoch"], epochs["end"]) if e == reached[0])
+    return end - min(steps["start"])
+
+
+def loss_scaling(steps: dict) -> dict:
+    """The loss scale of the first and the last step (worker 0, after the step's update; 1.0
+    without loss scaling) and the steps whose optimizer step was skipped for inf/nan gradients
+    (worker 0's count: DDP's gradients, so its skips, are the same on every worker)."""
+    rows = sorted((e, s, scale, skipped) for w, e, s, scale, skipped in zip(
+        steps["worker"], steps["epoch"], steps["step"], steps["loss_scale"], steps["skipped"]) if w == 0)
+    return {"loss_scale_first": rows[0][2], "loss_scale_last": rows[-1][2],
+            "skipped_steps": sum(row[3] for row in rows)}
+
+
+def joules_per_image(steps: dict, epochs: dict) -> float | None:
+    """Σ over workers and epochs of the devices' energy over the training phases (NVML's counter)
+    / images_trained; None unless every worker had a counter in every epoch."""
+    if any(joules is None for joules in epochs["energy_j"]):
+        return None
+    return sum(epochs["energy_j"]) / images_trained(steps)
 
 
 def data_wait_share(steps: dict) -> float:
@@ -149,20 +196,24 @@ def per_node(worker_rows: list[dict]) -> list[dict]:
     return list(nodes.values())
 
 
-def figures(steps: dict, epochs: dict, workers: dict) -> dict:
-    """All throughput and memory figures of a run."""
+def figures(steps: dict, epochs: dict, workers: dict, target_map: float) -> dict:
+    """All throughput, time, energy and memory figures of a run."""
     workers_table = per_worker(steps, epochs, workers)
     return {
         "images_trained": images_trained(steps),
+        "whole_time_s": whole_time(epochs),
         "training_time_s": training_time(epochs),
         "evaluation_time_s": evaluation_time(epochs),
         "compute_time_s": compute_time(steps),
+        "time_to_target_s": time_to_target(steps, epochs, target_map),
         "p_whole": p_whole(steps, epochs),
         "p_train": p_train(steps, epochs),
         "p_core": p_core(steps),
         "data_wait_share": data_wait_share(steps),
         "padding_share": padding_share(steps),
         "loss_per_epoch": loss_per_epoch(steps),
+        **loss_scaling(steps),
+        "joules_per_image": joules_per_image(steps, epochs),
         **memory(workers),
         "per_worker": workers_table,
         "per_node": per_node(workers_table),

@@ -81,7 +81,10 @@ def time_plot(steps: dict, epochs: dict, path: Path) -> Path:
     wait = [total(steps, "data_wait_s", w) for w in workers]
     compute = [total(steps, "compute_s", w) for w in workers]
     evaluation = [total(epochs, "eval_s", w) for w in workers]
-    other = [max(0.0, total(epochs, "train_s", w) - a - b) for w, a, b in zip(workers, wait, compute)]
+    # The rest of each worker's epochs: barriers, waiting for slower workers, reporting, checkpoints.
+    spans = [sum(end - start for v, start, end in zip(epochs["worker"], epochs["start"], epochs["end"]) if v == w)
+             for w in workers]
+    other = [max(0.0, span - a - b - c) for span, a, b, c in zip(spans, wait, compute, evaluation)]
     figure, axes = _axes("Where each worker's time went", "worker", "seconds")
     bottom = [0.0] * len(workers)
     for label, values in (("data wait", wait), ("compute", compute), ("evaluation", evaluation), ("other", other)):

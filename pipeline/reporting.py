@@ -12,12 +12,12 @@ import time
 
 import ray
 
-from pipeline import metrics
 
 TABLES = {
     "steps": ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss", "lr", "start", "end",
-              "image_pixels", "batch_pixels"),
-    "epochs": ("worker", "epoch", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75"),
+              "image_pixels", "batch_pixels", "loss_scale", "skipped"),
+    "epochs": ("worker", "epoch", "start", "end", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75",
+               "energy_j"),
     "workers": ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind",
                 "env"),
     # One row per start of the worker group. time_lost_s: from the end of the last step kept (or
@@ -90,6 +90,15 @@ class ReportingActor:
     def add_epoch(self, row: dict) -> None:
         self._append("epochs", row)
 
+    def end_epoch(self, worker: int, epoch: int, end: float) -> None:
+        """The epoch's end on this worker, known only after its checkpoint is saved: the row
+        added before it (and saved in that checkpoint) ends where the checkpoint began."""
+        epochs = self.tables["epochs"]
+        for i in range(len(epochs["epoch"]) - 1, -1, -1):
+            if epochs["worker"][i] == worker and epochs["epoch"][i] == epoch:
+                epochs["end"][i] = end
+                return
+
     def add_worker(self, row: dict) -> None:
         self._append("workers", row)
 
@@ -100,9 +109,11 @@ class ReportingActor:
             self._append("bad_images", {"split": split, "image_id": image_id, "path": path, "reason": reason})
         return bad["split"].count(split)
 
-    def bad_image_ids(self, split: str) -> list[int]:
+    def bad_images(self, split: str) -> dict[int, str]:
+        """The split's unusable images: image id -> "path: reason"."""
         bad = self.tables["bad_images"]
-        return [i for s, i in zip(bad["split"], bad["image_id"]) if s == split]
+        return {i: f"{path}: {reason}" for s, i, path, reason in zip(bad["split"], bad["image_id"], bad["path"],
+                                                                    bad["reason"]) if s == split}
 
     def begin_attempt(self, start_epoch: int, saved: dict | None) -> None:
         """A start of the worker group at `start_epoch`, from the records saved in the checkpoint
@@ -131,9 +142,6 @@ class ReportingActor:
     def records(self) -> dict:
         return self.tables
 
-    def figures(self) -> dict:
-        return metrics.figures(self.tables["steps"], self.tables["epochs"], self.tables["workers"])
-
 
 class StepLog:
     """A worker's side of the channel: one tuple per step, sent every `flush_every` steps or
@@ -144,11 +152,10 @@ class StepLog:
         self.rows: list[tuple] = []
         self.flushed = time.time()
 
-    def add(self, epoch: int, step: int, images: int, data_wait_s: float, compute_s: float,
-            loss: float, lr: float, start: float, image_pixels: int, batch_pixels: int) -> None:
+    def add(self, row: dict) -> None:
+        """A step's row: every column of TABLES["steps"] but worker and end, which are added here."""
         now = time.time()
-        self.rows.append((self.worker, epoch, step, images, data_wait_s, compute_s, loss, lr, start, now,
-                          image_pixels, batch_pixels))
+        self.rows.append(tuple({**row, "worker": self.worker, "end": now}[name] for name in STEP_COLUMNS))
         if len(self.rows) >= self.flush_every or now - self.flushed >= self.flush_s:
             self.flush()
 

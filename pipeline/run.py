@@ -144,8 +144,8 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     if fatal := ray.get(reporter.fatal_error.remote()):  # ended early: the restarts did not train
         raise TrainingFailed(fatal)
     records = ray.get(reporter.records.remote())
-    figures = ray.get(reporter.figures.remote())
     ray.kill(reporter)
+    figures = metrics.figures(records["steps"], records["epochs"], records["workers"], config.target_map)
 
     epochs = records["epochs"]
     rank0 = [i for i, worker in enumerate(epochs["worker"]) if worker == 0]

@@ -6,6 +6,7 @@ image goes to exactly one worker), gathered on rank 0 for COCOeval. Timings go t
 reporting actor (see pipeline.metrics for what each one measures).
 """
 
+import contextlib
 import math
 import os
 import platform
@@ -14,14 +15,16 @@ import resource
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, evaluation, recipe
+from pipeline import checkpoint, evaluation, recipe, step
 from pipeline.config import Config
+from pipeline.energy import energy_meter
 from pipeline.model import build_model
 from pipeline.reporting import StepLog
 
@@ -30,59 +33,20 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def to_tensors(batch: dict, pin: bool = False) -> tuple[list[int], list[torch.Tensor], list[dict]]:
+def to_tensors(batch: dict, device: torch.device) -> tuple[list[int], list[torch.Tensor], list[dict]]:
     """A numpy batch from the stream -> image ids, uint8 CHW image tensors and targets, on the CPU,
-    sharing the batch's memory; or, with `pin`, copied to pinned memory so that the copy to the
-    GPU can run asynchronously."""
+    sharing the batch's memory (images pinned for a CUDA device, see pipeline.step.pin)."""
     with warnings.catch_warnings():
         # Ray hands out read-only views of its object store; nothing here writes to them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        images = [torch.from_numpy(image) for image in batch["image"]]
-    if pin:
-        images = [image.pin_memory() for image in images]
+        images = step.pin([torch.from_numpy(image) for image in batch["image"]], device)
     targets = [{"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels)}
                for boxes, labels in zip(batch["boxes"], batch["labels"])]
     return [int(i) for i in batch["image_id"]], images, targets
 
 
-def _barrier(device: torch.device) -> None:
-    if dist.is_initialized():
-        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def to_device(images, targets, device):
-    images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
-    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-    return images, targets
-
-
-def train_step(model, optimizer, scaler, images, targets, config: Config, lr: float, device: torch.device) -> float:
-    """One step's compute: device copy, forward, backward, optimizer step, and a device
-    synchronisation so that the time measured around it holds all of its work. The loss."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    images, targets = to_device(images, targets, device)
-    with recipe.autocast(config.precision, device):
-        loss = sum(model(images, targets).values())
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if config.clip_grad_norm:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    loss_value = loss.item()
-    _sync(device)
-    return loss_value
 
 
 class PaddingProbe:
@@ -130,28 +94,33 @@ class Prefetched:
 
 
 def train_one_epoch(model, optimizer, scaler, batches: Prefetched, config: Config, epoch: int, steps_per_epoch: int,
-                    device: torch.device, log: StepLog, rank: int, padding: PaddingProbe) -> None:
+                    device: torch.device, log: StepLog, padding: PaddingProbe) -> None:
     model.train()
-    step = 0
+    index = 0
     while True:
         start, wait_start = time.time(), time.perf_counter()
         batch = batches.next()
         if batch is None:
             break
-        _, images, targets = to_tensors(batch, pin=device.type == "cuda")
+        _, images, targets = to_tensors(batch, device)
         compute_start = time.perf_counter()
-        lr = recipe.learning_rate(config, epoch, step, steps_per_epoch)
-        loss_value = train_step(model, optimizer, scaler, images, targets, config, lr, device)
+        lr = recipe.learning_rate(config, epoch, index, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, loss_scale, skipped = step.train_step(model, optimizer, scaler, images, targets, config.precision,
+                                                    config.clip_grad_norm, device)
         end = time.perf_counter()
-        if not math.isfinite(loss_value):
-            reason = f"loss is {loss_value} at epoch {epoch} step {step} on worker {rank}"
-            ray.get(log.actor.stop.remote(f"worker {rank}: NonFiniteLoss: {reason}"))
+        if not math.isfinite(loss):
+            reason = f"loss is {loss} at epoch {epoch} step {index} on worker {log.worker}"
+            ray.get(log.actor.stop.remote(f"worker {log.worker}: NonFiniteLoss: {reason}"))
             raise NonFiniteLoss(reason)
-        log.add(epoch, step, len(images), compute_start - wait_start, end - compute_start, loss_value, lr, start,
-                padding.image_pixels, padding.batch_pixels)
-        step += 1
-    if step == 0:
-        raise RuntimeError(f"worker {rank} got no training batch in epoch {epoch}")
+        log.add({"epoch": epoch, "step": index, "images": len(images), "data_wait_s": compute_start - wait_start,
+                 "compute_s": end - compute_start, "loss": loss, "lr": lr, "start": start,
+                 "image_pixels": padding.image_pixels, "batch_pixels": padding.batch_pixels,
+                 "loss_scale": loss_scale, "skipped": skipped})
+        index += 1
+    if index == 0:
+        raise RuntimeError(f"worker {log.worker} got no training batch in epoch {epoch}")
 
 
 @torch.no_grad()
@@ -165,8 +134,8 @@ def infer_shard(model, shard, config: Config, device: torch.device, reporter, ra
     told = time.time()
     for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                     prefetch_batches=config.prefetch_batches):
-        image_ids, images, targets = to_tensors(batch, pin=device.type == "cuda")
-        images, _ = to_device(images, targets, device)
+        image_ids, images, targets = to_tensors(batch, device)
+        images, _ = step.to_device(images, targets, device)
         outputs = model(images)
         seen += image_ids
         detections += evaluation.coco_detections(image_ids, outputs)
@@ -194,12 +163,27 @@ def evaluate(model, shard, config: Config, device: torch.device, ground_truth, r
             detections = [d for _, dets in gathered for d in dets]
     result = [None]
     if ground_truth is not None:
-        left_out = ray.get(reporter.bad_image_ids.remote("val"))
-        evaluation.check_exactly_once(ground_truth, seen, left_out)
+        unusable = ray.get(reporter.bad_images.remote("val"))
+        evaluation.check_exactly_once(ground_truth, seen, list(unusable))
+        try:
+            evaluation.check_enough_evaluated(len(ground_truth.getImgIds()), len(seen), list(unusable.values()))
+        except evaluation.TooFewEvaluated as error:
+            # The same images would fail again after a restart: end the run, not the attempt.
+            ray.get(reporter.stop.remote(f"worker 0: TooFewEvaluated: {error}"))
+            raise
         result = [evaluation.coco_map(ground_truth, detections, config.coco_evaluator, image_ids=seen)]
     if dist.is_initialized():
         dist.broadcast_object_list(result, src=0)
     return result[0], inferred
+
+
+def cpu_name() -> str:
+    """"CPU (<model name>)" from /proc/cpuinfo, or the machine's architecture."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU ({line.split(':', 1)[1].strip()})"
+    return f"CPU ({platform.machine()})"
 
 
 def memory_record(device: torch.device) -> dict:
@@ -207,7 +191,7 @@ def memory_record(device: torch.device) -> dict:
         return {"device": torch.cuda.get_device_name(device), "mem_kind": "cuda",
                 "mem_peak_bytes": torch.cuda.max_memory_reserved(device),
                 "mem_total_bytes": torch.cuda.get_device_properties(device).total_memory}
-    return {"device": platform.processor() or platform.machine(), "mem_kind": "cpu rss",
+    return {"device": cpu_name(), "mem_kind": "cpu rss",
             "mem_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
 
@@ -240,28 +224,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         ray.get(reporter.begin_attempt.remote(start_epoch, saved))
 
+    energy = energy_meter(device)
+    epoch_start = time.time()
     for epoch in range(start_epoch, config.max_epochs):
         if converged:
             break
-        _barrier(device)
-        start = time.perf_counter()
-        train_one_epoch(model, optimizer, scaler, train_batches, config, epoch, steps_per_epoch, device, log, rank,
-                        padding)
-        _sync(device)
-        _barrier(device)
-        train_end = time.perf_counter()
+        step.barrier(device)
+        start, joules = time.perf_counter(), energy and energy()
+        train_one_epoch(model, optimizer, scaler, train_batches, config, epoch, steps_per_epoch, device, log, padding)
+        step.synchronize(device)
+        step.barrier(device)
+        train_end, joules = time.perf_counter(), energy and energy() - joules
         if epoch + 1 < config.max_epochs:
             train_batches = Prefetched(train_shard, config)  # the next epoch fills during evaluation
         scores, inferred = evaluate(model, val_shard, config, device, ground_truth, reporter, epoch)
-        _barrier(device)
+        step.barrier(device)
         end = time.perf_counter()
-        epoch_row = {"worker": rank, "epoch": epoch, "train_s": train_end - start, "eval_s": end - train_end,
-                     "eval_images": inferred, **scores}
+        epoch_row = {"worker": rank, "epoch": epoch, "start": epoch_start, "end": time.time(),
+                     "train_s": train_end - start, "eval_s": end - train_end, "eval_images": inferred,
+                     "energy_j": joules, **scores}
         ray.get([log.flush(), reporter.add_epoch.remote(epoch_row)])
-        _barrier(device)  # every worker's rows are with the actor before rank 0 saves them
+        step.barrier(device)  # every worker's rows are with the actor before rank 0 saves them
         converged = scores["map"] >= config.target_map
         checkpoint.report_epoch(scores, epoch, converged, config.seed, rank, _unwrap(model), optimizer, scaler,
                                 reporter)
+        # The epoch ends once its checkpoint is saved; the next one starts at the same instant,
+        # so that the epochs tile the training wall time (see pipeline.metrics.whole_time).
+        epoch_start = time.time()
+        reporter.end_epoch.remote(rank, epoch, epoch_start)
 
     ray.get(reporter.add_worker.remote({
         "worker": rank, "node": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),

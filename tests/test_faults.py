@@ -14,7 +14,8 @@ import pytest
 from ray.util.state import list_actors
 
 from conftest import session_pids, venv_env
-from pipeline import metrics, results, synthetic
+from figures_from_logs import assert_figures_match
+from pipeline import results, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +79,7 @@ def check_honest_figures(run_dir: Path, epochs: int) -> dict:
     # Each epoch counted once: 12 steps of 1 image per worker and epoch, whatever was redone.
     assert saved["images_trained"] == epochs * 2 * 12
     assert sorted(records["epochs"]["epoch"]) == sorted(list(range(epochs)) * 2)
-    assert metrics.figures(records["steps"], records["epochs"], records["workers"]) == {
-        key: saved[key] for key in metrics.figures(records["steps"], records["epochs"], records["workers"])}
+    assert_figures_match(run_dir)
     return saved
 
 

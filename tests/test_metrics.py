@@ -19,16 +19,24 @@ STEPS = {
     "end": [101.0, 102.0, 106.0, 102.0, 104.0, 108.0],
     "image_pixels": [300, 400, 400, 300, 200, 400],
     "batch_pixels": [400, 400, 800, 400, 400, 800],
+    # Worker 0's second step found inf gradients: skipped, its scale halved.
+    "loss_scale": [65536.0, 32768.0, 32768.0, 65536.0, 32768.0, 32768.0],
+    "skipped": [False, True, False, False, True, False],
 }
+# Each worker's epochs tile its wall time: epoch 1 starts where epoch 0 ended. Worker 1's epochs
+# span 5.5 + 4.5 = 10 s, worker 0's 5 + 3 = 8 s: beyond the phases, their checkpoints and barriers.
 EPOCHS = {
     "worker": [0, 0, 1, 1],
     "epoch": [0, 1, 0, 1],
+    "start": [99.5, 104.5, 99.5, 105.0],
+    "end": [104.5, 107.5, 105.0, 109.5],
     "train_s": [3.0, 2.0, 4.0, 3.0],
     "eval_s": [1.0, 0.5, 0.75, 1.0],
     "eval_images": [2, 2, 2, 2],
     "map": [0.1, 0.2, 0.1, 0.2],
     "ap50": [0.2, 0.4, 0.2, 0.4],
     "ap75": [0.05, 0.1, 0.05, 0.1],
+    "energy_j": [300.0, 200.0, 400.0, 300.0],
 }
 WORKERS = {
     "worker": [0, 1],
@@ -45,10 +53,12 @@ WORKERS = {
 
 def test_throughput_figures():
     assert metrics.images_trained(STEPS) == 12
+    assert metrics.whole_time(EPOCHS) == max(5.0 + 3.0, 5.5 + 4.5) == 10.0
     assert metrics.training_time(EPOCHS) == max(3.0, 4.0) + max(2.0, 3.0) == 7.0
     assert metrics.evaluation_time(EPOCHS) == max(1.0, 0.75) + max(0.5, 1.0) == 2.0
     assert metrics.compute_time(STEPS) == max(0.5 + 0.5 + 0.5, 1.0 + 1.0 + 1.0) == 3.0
-    assert metrics.p_whole(STEPS, EPOCHS) == pytest.approx(12 / (7.0 + 2.0))
+    # FlagPerf's p_whole: over the whole wall time, not over the sum of the phases (9 s here).
+    assert metrics.p_whole(STEPS, EPOCHS) == 12 / 10.0
     assert metrics.p_train(STEPS, EPOCHS) == pytest.approx(12 / 7.0)
     assert metrics.p_core(STEPS) == 12 / 3.0 == 4.0
     assert metrics.p_core(STEPS) >= metrics.p_train(STEPS, EPOCHS) >= metrics.p_whole(STEPS, EPOCHS)
@@ -63,6 +73,30 @@ def test_shares_and_init_time():
     assert metrics.data_wait_share(STEPS) == pytest.approx(waiting / (waiting + computing)) == pytest.approx(1 / 3)
     assert metrics.padding_share(STEPS) == pytest.approx(1 - 2000 / 3200) == pytest.approx(0.375)
     assert metrics.init_time(STEPS, process_start=88.5) == 100.0 - 88.5
+
+
+def test_whole_time_leaves_out_the_gap_of_a_restart():
+    # Epoch 1 redone by a second attempt that started 30 s after epoch 0 ended: the gap is lost
+    # time (attempts.jsonl), not training time.
+    epochs = {**EPOCHS, "start": [99.5, 134.5, 99.5, 135.0], "end": [104.5, 137.5, 105.0, 139.5]}
+    assert metrics.whole_time(epochs) == 10.0
+
+
+def test_time_to_target():
+    # The first step started at 100; epoch 1 first reached 0.2, ending at 109.5 on the slower worker.
+    assert metrics.time_to_target(STEPS, EPOCHS, target_map=0.15) == 109.5 - 100.0
+    assert metrics.time_to_target(STEPS, EPOCHS, target_map=0.1) == 105.0 - 100.0
+    assert metrics.time_to_target(STEPS, EPOCHS, target_map=0.36) is None
+
+
+def test_loss_scaling():
+    assert metrics.loss_scaling(STEPS) == {"loss_scale_first": 65536.0, "loss_scale_last": 32768.0,
+                                           "skipped_steps": 1}
+
+
+def test_joules_per_image():
+    assert metrics.joules_per_image(STEPS, EPOCHS) == (300 + 200 + 400 + 300) / 12 == 100.0
+    assert metrics.joules_per_image(STEPS, {**EPOCHS, "energy_j": [300.0, None, 400.0, 300.0]}) is None
 
 
 def test_e2e_time():
@@ -122,8 +156,11 @@ def test_per_node_sums_workers_by_node_in_rank_order():
 
 
 def test_figures_collects_everything():
-    figures = metrics.figures(STEPS, EPOCHS, WORKERS)
+    figures = metrics.figures(STEPS, EPOCHS, WORKERS, target_map=0.15)
     assert figures["images_trained"] == 12
+    assert figures["whole_time_s"] == 10.0 and figures["p_whole"] == 1.2
+    assert figures["time_to_target_s"] == 9.5
+    assert figures["skipped_steps"] == 1 and figures["joules_per_image"] == 100.0
     assert figures["training_time_s"] == 7.0
     assert figures["evaluation_time_s"] == 2.0
     assert figures["compute_time_s"] == 3.0
@@ -149,8 +186,8 @@ def test_records_round_trip(tmp_path):
         "attempts.jsonl", "bad_images.jsonl", "epochs.jsonl", "steps.parquet", "workers.jsonl"]
     loaded = results.load_records(tmp_path)
     assert loaded == records
-    assert metrics.figures(loaded["steps"], loaded["epochs"], loaded["workers"]) == metrics.figures(
-        STEPS, EPOCHS, WORKERS)
+    assert metrics.figures(loaded["steps"], loaded["epochs"], loaded["workers"], 0.36) == metrics.figures(
+        STEPS, EPOCHS, WORKERS, 0.36)
 
 
 RESULT = {

@@ -70,12 +70,14 @@ def test_fp32_has_no_autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("precision", ["amp", "bf16"])
-def test_amp_and_bf16_on_cpu_autocast_to_bfloat16(precision):
+@pytest.mark.parametrize("precision,dtype", [("amp", torch.float16), ("bf16", torch.bfloat16)])
+def test_autocast_dtype_is_the_same_on_the_cpu_as_on_a_gpu(precision, dtype):
     with recipe.autocast(precision, CPU):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
 
 
-@pytest.mark.parametrize("precision", ["fp32", "amp", "bf16"])
-def test_no_grad_scaler_on_cpu(precision):
-    assert not recipe.grad_scaler(precision, CPU).is_enabled()
+@pytest.mark.parametrize("precision,enabled", [("fp32", False), ("amp", True), ("bf16", False)])
+def test_loss_scaling_for_amp_only(precision, enabled):
+    scaler = recipe.grad_scaler(precision, CPU)
+    assert scaler.is_enabled() is enabled
+    assert scaler.get_scale() == (2.0**16 if enabled else 1.0)

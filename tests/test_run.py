@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from pipeline import metrics, results
+from figures_from_logs import assert_figures_match
+from pipeline import results
 from pipeline.config import resolve
 from pipeline.run import run
 
@@ -24,6 +25,14 @@ def val_image_count(data_root):
 def test_every_val_image_evaluated_exactly_once(ray_head, tiny_coco, tmp_path, workers, precision):
     result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=workers, precision=precision))
     assert result["config"]["precision"] == precision
+    # amp runs fp16 autocast with loss scaling on the CPU too: the scale starts at 2**16 and
+    # halves on each overflowing step; fp32 has no loss scaling.
+    first, last = result["loss_scale_first"], result["loss_scale_last"]
+    if precision == "amp":
+        assert 2.0**10 <= last <= first <= 2.0**16
+        assert 2.0**16 / last == 2 ** result["skipped_steps"]
+    else:
+        assert first == last == 1.0 and result["skipped_steps"] == 0
     epochs = results.load_records(result["run_dir"])["epochs"]
     assert sorted(epochs["worker"]) == list(range(workers))
     # 7 val images: not a multiple of 3 (nor of 2, in the end-to-end test below).
@@ -53,11 +62,17 @@ def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
     assert 0 < saved["init_time"] < saved["e2e_time"]
     assert 0 <= saved["map"] <= 1 and saved["mem"].endswith("(cpu rss)")
 
-    # Every figure recomputed from the raw logs equals the one in result.json.
+    # Every figure recomputed from the raw logs, without pipeline.metrics, equals result.json's.
+    assert_figures_match(run_dir)
     records = results.load_records(run_dir)
     assert records["workers"]["env"] == [{"FRCNN_PROBE": "on"}] * 2  # reached the worker processes
-    recomputed = metrics.figures(records["steps"], records["epochs"], records["workers"])
-    assert recomputed == {key: saved[key] for key in recomputed}
+    # The epochs tile each worker's wall time: the next epoch starts where the last one ended.
+    for worker in (0, 1):
+        starts, ends = zip(*((s, e) for w, s, e in zip(records["epochs"]["worker"], records["epochs"]["start"],
+                                                       records["epochs"]["end"]) if w == worker))
+        assert starts[1] == ends[0] and ends[1] > starts[1] > starts[0]
+    assert saved["whole_time_s"] > saved["training_time_s"] + saved["evaluation_time_s"]
+    assert saved["time_to_target_s"] is None and saved["joules_per_image"] is None
     assert len(records["steps"]["worker"]) == 2 * 2 * saved["steps_per_epoch"]
     for epoch in (0, 1):
         assert sum(n for e, n in zip(records["epochs"]["epoch"], records["epochs"]["eval_images"]) if e == epoch) == 7

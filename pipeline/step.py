@@ -1,0 +1,71 @@
+"""One timed training step, the same on every device: the Ray worker and the plain baseline both
+call `train_step`, and the tests run it on the CPU with the fp16 autocast and the enabled loss
+scaler that `amp` uses on a GPU.
+
+Three pieces only do something on CUDA; each is one small function below, and `frcnn-bench
+acceptance` (pipeline/acceptance.py) is what runs them for real on a GPU machine: `pin`
+(page-locked host memory, so that the copy to the device is asynchronous), `synchronize` (waits
+for the device's queued work, so that the time measured around a step holds all of it) and
+`barrier` (NCCL's barrier needs the device it runs on).
+"""
+
+import torch
+import torch.distributed as dist
+
+from pipeline import recipe
+
+
+def pin(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """On CUDA, the images copied to page-locked host memory, so that `to_device`'s non-blocking
+    copies overlap with compute; elsewhere the images as they are. Covered on a GPU by the
+    acceptance run (every step of its runs goes through it)."""
+    return [image.pin_memory() for image in images] if device.type == "cuda" else images
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits until the device has done all queued work (CUDA); nothing to wait for on the CPU.
+    Covered on a GPU by the acceptance run, whose p_core check (amp beats fp32 in compute time)
+    needs it: without it the step times would hold only the time to queue the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def barrier(device: torch.device) -> None:
+    """All workers meet here (no-op without a process group). NCCL needs the device id; gloo
+    takes none. Covered on a GPU by the acceptance run's 1x2 run on machines with 2+ GPUs."""
+    if dist.is_initialized():
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list, list]:
+    """uint8 CHW images -> float images in [0, 1] on the device (the model's transform then
+    normalises them with ImageNet's mean and std), targets on the device."""
+    images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def train_step(model, optimizer, scaler: torch.amp.GradScaler, images, targets, precision: str, clip_grad_norm: float,
+               device: torch.device) -> tuple[float, float, bool]:
+    """One step's compute: device copy, forward under the precision's autocast, backward of the
+    scaled loss, gradients unscaled before clipping (so that the clip sees their true norm), the
+    optimizer step (which the scaler skips when a gradient is inf or nan), the scale's update,
+    and a device synchronisation so that the time measured around the call holds all of its
+    work. The caller sets the lr. Returns (loss, the loss scale after the update, whether the
+    optimizer step was skipped); without loss scaling the scale is 1.0 and nothing is skipped."""
+    scale = scaler.get_scale()  # before any work is queued: reading it waits for none
+    images, targets = to_device(images, targets, device)
+    with recipe.autocast(precision, device):
+        loss = sum(model(images, targets).values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    # The scale halves exactly when the step found inf/nan gradients and skipped the update.
+    new_scale = scaler.get_scale()
+    loss_value = loss.item()
+    synchronize(device)
+    return loss_value, new_scale, new_scale < scale
