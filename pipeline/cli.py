@@ -42,11 +42,18 @@ def _benchmark(argv: list[str]) -> None:
     benchmark.main(argv)
 
 
+def _acceptance(argv: list[str]) -> None:
+    from pipeline import acceptance  # imports torch: only for this command
+
+    acceptance.main(argv)
+
+
 COMMANDS = {
     "run": (_run, "train Faster R-CNN with Ray and write the result row"),
     "report": (report.main, "the FlagPerf table, with scaling efficiency, of several runs' results"),
     "synth": (synthetic.main, "write a synthetic COCO 2017-format data set"),
     "benchmark": (_benchmark, "this pipeline against a plain DataLoader + DDP baseline"),
+    "acceptance": (_acceptance, "the GPU acceptance run: fp32 and amp (and 1x2 NCCL) checked on a CUDA machine"),
 }
 
 

@@ -45,6 +45,18 @@ def summary(result: dict) -> str:
     lines = ["epoch  mean loss  bbox mAP"]
     lines += [f"{epoch + 1:5d}  {loss:9.3f}  {score:8.3f}"
               for epoch, (loss, score) in enumerate(zip(result["loss_per_epoch"], result["map_per_epoch"]))]
+    other = result["whole_time_s"] - result["training_time_s"] - result["evaluation_time_s"]
+    target = result["time_to_target_s"]
+    energy = result["joules_per_image"]
+    lines += ["", f"time: {result['whole_time_s']:.1f} s from the first epoch's start to the last one's end = "
+                  f"training {result['training_time_s']:.1f} + evaluation {result['evaluation_time_s']:.1f} + "
+                  f"checkpoints, reports and barriers {other:.1f}; time to target mAP "
+                  f"{result['config']['target_map']}: " + (f"{target:.1f} s" if target is not None else "not reached"),
+              "energy: " + (f"{energy:.2f} J per image over the training phases (NVML)" if energy is not None
+                            else "no energy counter on these devices (null)")]
+    if result["config"]["precision"] == "amp":
+        lines.append(f"loss scale: {result['loss_scale_first']:g} after the first step, {result['loss_scale_last']:g} "
+                     f"after the last; {result['skipped_steps']} steps skipped for inf/nan gradients")
     lines += ["", "result row:", markdown_table([flagperf_row(result)]), "per worker:"]
     workers = [{"worker": w["worker"], "node": w["node_ip"], "device": w["device"], "steps": w["steps"],
                 "images": w["images"], "images/s": number(w["images_per_s"]),

@@ -176,3 +176,21 @@ def test_bad_configuration_and_annotations_fail_in_one_line(small_coco, tmp_path
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("frcnn-bench: ") and message in lines[-1], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_a_val_split_with_too_few_usable_images_stops_the_run(ray_head, small_coco, tmp_path):
+    """Both val images unreadable, fewer than max_bad_images: no mAP over nothing, one line."""
+    root = tmp_path / "coco"
+    shutil.copytree(small_coco, root)
+    for path in (root / "val2017").glob("*.jpg"):
+        path.write_text("not an image")
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--preset", "smoke", "--synthetic-train-images", "0",
+                           "--data-root", str(root), "--output-dir", str(tmp_path / "out"), "--max-failures", "1"],
+                          cwd=ROOT, env=venv_env(RAY_ADDRESS=ray_head.address), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 1
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("frcnn-bench: ")]
+    assert re.match(r"frcnn-bench: training failed: worker 0: TooFewEvaluated: val: 0 of 2 images could be "
+                    r"evaluated, 2 are unusable; the first: .*val2017/\d+\.jpg: cannot decode: .*; a mAP needs at "
+                    r"least 1 \(50% of the split\)", line), line
+    assert not list((tmp_path / "out").glob("*/result.json"))

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from figures_from_logs import assert_figures_match
 from pipeline import results
@@ -21,20 +20,10 @@ def val_image_count(data_root):
     return len(json.loads((data_root / "annotations" / "instances_val2017.json").read_text())["images"])
 
 
-@pytest.mark.parametrize("workers,precision", [(1, "amp"), (3, "fp32")])
-def test_every_val_image_evaluated_exactly_once(ray_head, tiny_coco, tmp_path, workers, precision):
-    result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=workers, precision=precision))
-    assert result["config"]["precision"] == precision
-    # amp runs fp16 autocast with loss scaling on the CPU too: the scale starts at 2**16 and
-    # halves on each overflowing step; fp32 has no loss scaling.
-    first, last = result["loss_scale_first"], result["loss_scale_last"]
-    if precision == "amp":
-        assert 2.0**10 <= last <= first <= 2.0**16
-        assert 2.0**16 / last == 2 ** result["skipped_steps"]
-    else:
-        assert first == last == 1.0 and result["skipped_steps"] == 0
+def test_every_val_image_evaluated_exactly_once(ray_head, tiny_coco, tmp_path):
+    result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=3))
     epochs = results.load_records(result["run_dir"])["epochs"]
-    assert sorted(epochs["worker"]) == list(range(workers))
+    assert sorted(epochs["worker"]) == [0, 1, 2]
     # 7 val images: not a multiple of 3 (nor of 2, in the end-to-end test below).
     assert sum(epochs["eval_images"]) == val_image_count(tiny_coco) == 7
 
