@@ -25,7 +25,6 @@ from torch.utils.data.distributed import DistributedSampler
 from pipeline import images, recipe, step
 from pipeline.config import Config
 from pipeline.model import build_model
-from pipeline.train_loop import PaddingProbe
 
 
 class CocoDetectionDataset(Dataset):
@@ -61,7 +60,7 @@ def _worker(rank: int, world: int, port: int, config: Config, manifest: pa.Table
     torch.manual_seed(config.seed)
     model = build_model(config.backbone_weights, config.min_size, config.max_size, config.box_batch_size_per_image)
     model = DistributedDataParallel(model.to(device), device_ids=[device] if device.type == "cuda" else None)
-    padding = PaddingProbe(model)
+    padding = step.PaddingProbe(model)
     optimizer = recipe.make_optimizer(model, config)
     scaler = recipe.grad_scaler(config.precision, device)
     sampler = DistributedSampler(CocoDetectionDataset(manifest), num_replicas=world, rank=rank, shuffle=True,

@@ -37,6 +37,26 @@ def barrier(device: torch.device) -> None:
         dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper, or the model itself."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class PaddingProbe:
+    """Reads the batch the model's transform builds (resized images padded to one tensor): the
+    pixels of the images and of the padded tensor, for the padding share."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.image_pixels = self.batch_pixels = 0
+        unwrap(model).transform.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output) -> None:
+        images = output[0]
+        count, _, height, width = images.tensors.shape
+        self.batch_pixels = count * height * width
+        self.image_pixels = sum(h * w for h, w in images.image_sizes)
+
+
 def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list, list]:
     """uint8 CHW images -> float images in [0, 1] on the device (the model's transform then
     normalises them with ImageNet's mean and std), targets on the device."""

@@ -45,25 +45,6 @@ def to_tensors(batch: dict, device: torch.device) -> tuple[list[int], list[torch
     return [int(i) for i in batch["image_id"]], images, targets
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-class PaddingProbe:
-    """Reads the batch the model's transform builds (resized images padded to one tensor): the
-    pixels of the images and of the padded tensor, for the padding share."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.image_pixels = self.batch_pixels = 0
-        _unwrap(model).transform.register_forward_hook(self._record)
-
-    def _record(self, module, inputs, output) -> None:
-        images = output[0]
-        count, _, height, width = images.tensors.shape
-        self.batch_pixels = count * height * width
-        self.image_pixels = sum(h * w for h, w in images.image_sizes)
-
-
 class Prefetched:
     """An epoch of the training stream, pulled by a background thread from the moment it is made,
     so that the stream fills while the worker builds its model or evaluates the previous epoch
@@ -94,7 +75,7 @@ class Prefetched:
 
 
 def train_one_epoch(model, optimizer, scaler, batches: Prefetched, config: Config, epoch: int, steps_per_epoch: int,
-                    device: torch.device, log: StepLog, padding: PaddingProbe) -> None:
+                    device: torch.device, log: StepLog, padding: step.PaddingProbe) -> None:
     model.train()
     index = 0
     while True:
@@ -151,9 +132,11 @@ def evaluate(model, shard, config: Config, device: torch.device, ground_truth, r
              epoch: int) -> tuple[dict, int]:
     """Infer this worker's share, gather on rank 0, COCOeval there over every val image but those
     that could not be decoded (recorded with the reporting actor), share the result with all.
-    Returns the scores and the number of images this worker inferred."""
+    Returns the scores and the number of images this worker inferred. The gather and the
+    broadcast run over gloo in the tests (CPU workers) and over NCCL only on GPU workers: the
+    acceptance run's 1x2 run (machines with 2+ GPUs) covers that."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    seen, detections = infer_shard(_unwrap(model), shard, config, device, reporter, rank, epoch)
+    seen, detections = infer_shard(step.unwrap(model), shard, config, device, reporter, rank, epoch)
     inferred = len(seen)
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -187,6 +170,8 @@ def cpu_name() -> str:
 
 
 def memory_record(device: torch.device) -> dict:
+    """The worker's device and peak memory. The CUDA branch runs only on GPU workers: the
+    acceptance run checks its figure (a CUDA device, 0 < peak <= total)."""
     if device.type == "cuda":
         return {"device": torch.cuda.get_device_name(device), "mem_kind": "cuda",
                 "mem_peak_bytes": torch.cuda.max_memory_reserved(device),
@@ -217,8 +202,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ground_truth = (evaluation.load_ground_truth(loop_config["val_annotations"], config.coco_evaluator)
                     if rank == 0 else None)
     log = StepLog(reporter, rank)
-    padding = PaddingProbe(model)
-    start_epoch, converged, saved = checkpoint.restore(_unwrap(model), optimizer, scaler)
+    padding = step.PaddingProbe(model)
+    start_epoch, converged, saved = checkpoint.restore(step.unwrap(model), optimizer, scaler)
     if ray.get(reporter.fatal_error.remote()):
         return  # retrying a non-finite loss from the same checkpoint would diverge again
     if rank == 0:
@@ -246,7 +231,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.get([log.flush(), reporter.add_epoch.remote(epoch_row)])
         step.barrier(device)  # every worker's rows are with the actor before rank 0 saves them
         converged = scores["map"] >= config.target_map
-        checkpoint.report_epoch(scores, epoch, converged, config.seed, rank, _unwrap(model), optimizer, scaler,
+        checkpoint.report_epoch(scores, epoch, converged, config.seed, rank, step.unwrap(model), optimizer, scaler,
                                 reporter)
         # The epoch ends once its checkpoint is saved; the next one starts at the same instant,
         # so that the epochs tile the training wall time (see pipeline.metrics.whole_time).

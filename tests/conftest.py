@@ -66,9 +66,9 @@ class RayHead:
 
     def stop(self) -> None:
         """SIGTERM to every process of the head's session (its own, from start_new_session); what
-        is left after 10 s gets SIGKILL (Ray's graceful drain can take 30 s). Returns when none
-        is left."""
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+        is left after 2 s gets SIGKILL (Ray's graceful drain can take 30 s, and a test cluster has
+        nothing to drain). Returns when none is left."""
+        for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 30)):
             deadline = time.time() + wait
             for pid in session_pids(self.process.pid):
                 with contextlib.suppress(ProcessLookupError):

@@ -2,7 +2,6 @@
 
 import json
 
-
 from figures_from_logs import assert_figures_match
 from pipeline import results
 from pipeline.config import resolve

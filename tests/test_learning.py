@@ -1,0 +1,33 @@
+"""A learning check: a real run (Ray Data, two TorchTrainer workers, evaluation by COCOeval) on an
+easy synthetic set must reach a mAP that a pipeline with broken image normalisation, box scaling
+or flips does not reach in the same steps. Measured on this project's 2-core machine, this run
+(3 epochs, without the early stop) reached 0.389 and 0.469 as the pipeline is; with the training
+boxes scaled by 1.5 in decoding, 0.001; with images flipped but not their boxes, 0.208; with the
+pixels reaching the model in 0..255 (no division by 255 before the model's normalisation), 0.251."""
+
+import pytest
+
+from pipeline import synthetic
+from pipeline.config import resolve
+from pipeline.run import run
+
+THRESHOLD = 0.3
+
+
+@pytest.fixture(scope="module")
+def easy_coco(tmp_path_factory):
+    """The demo's kind of set: 4 categories, 1 to 3 objects per image, about 160 px."""
+    return synthetic.generate(tmp_path_factory.mktemp("easy"), synthetic.SyntheticSpec(
+        train_images=128, val_images=16, image_size=160, seed=0))
+
+
+@pytest.mark.timeout(600)
+def test_a_short_run_learns_the_easy_set(ray_head, easy_coco, tmp_path):
+    # The demo preset (2 CPU workers, batch 2, 160/256 px, random init, clipped gradients) with
+    # 3 epochs of 30 steps, the lr decayed for the last; the run stops once the threshold is met.
+    config = resolve("demo", data_root=str(easy_coco), synthetic_train_images=0, output_dir=str(tmp_path),
+                     ray_address=ray_head.address, lr=0.02, max_epochs=3, lr_steps=(2,), target_map=THRESHOLD)
+    result = run(config)
+    assert result["map"] >= THRESHOLD, result["map_per_epoch"]
+    assert result["converged"] and result["time_to_target_s"] is not None
+    assert result["time_to_target_s"] <= result["e2e_time"]
