@@ -1,9 +1,14 @@
 """A learning check: a real run (Ray Data, two TorchTrainer workers, evaluation by COCOeval) on an
-easy synthetic set must reach a mAP that a pipeline with broken image normalisation, box scaling
-or flips does not reach in the same steps. Measured on this project's 2-core machine, this run
-(3 epochs, without the early stop) reached 0.389 and 0.469 as the pipeline is; with the training
-boxes scaled by 1.5 in decoding, 0.001; with images flipped but not their boxes, 0.208; with the
-pixels reaching the model in 0..255 (no division by 255 before the model's normalisation), 0.251."""
+easy synthetic set must reach a mAP that a pipeline with wrongly scaled training boxes cannot.
+
+Measured on this project's 2-core machine, this run (3 epochs, without the early stop) reached
+0.389, 0.469 and 0.290 as the pipeline is; 0.001 with the training boxes scaled by 1.5 in
+decoding; 0.208 with images flipped but not their boxes; 0.251 with the pixels reaching the model
+in 0..255 (no division by 255). A threshold between the last two and the correct runs would
+fail at random (0.290 is below 0.3), so this check holds the threshold the box-scale fault
+misses by far; the flip and the normalisation faults are caught, deterministically, by
+tests/test_images.py (the object moves with its box) and tests/test_step.py (pixels in [0, 1]).
+"""
 
 import pytest
 
@@ -11,7 +16,7 @@ from pipeline import synthetic
 from pipeline.config import resolve
 from pipeline.run import run
 
-THRESHOLD = 0.3
+THRESHOLD = 0.15
 
 
 @pytest.fixture(scope="module")
