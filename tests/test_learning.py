@@ -2,7 +2,7 @@
 easy synthetic set must reach a mAP that a pipeline with wrongly scaled training boxes cannot.
 
 Measured on this project's 2-core machine, this run (3 epochs, without the early stop) reached
-0.389, 0.469 and 0.290 as the pipeline is; 0.001 with the training boxes scaled by 1.5 in
+0.389, 0.469, 0.290 and 0.285 as the pipeline is; 0.001 with the training boxes scaled by 1.5 in
 decoding; 0.208 with images flipped but not their boxes; 0.251 with the pixels reaching the model
 in 0..255 (no division by 255). A threshold between the last two and the correct runs would
 fail at random (0.290 is below 0.3), so this check holds the threshold the box-scale fault
