@@ -1,5 +1,6 @@
 """The reporting channel: workers buffer their timings and send them in batches to one
-`ReportingActor`, owned by the driver, which keeps them as columns and computes the figures.
+`ReportingActor`, owned by the driver, which keeps them as columns; the driver computes the
+figures from them (pipeline.metrics).
 
 The actor outlives worker-group restarts. Each start of the worker group is an attempt; an
 attempt that resumes from a checkpoint at epoch k replaces the actor's rows with the rows saved
@@ -11,7 +12,6 @@ import collections
 import time
 
 import ray
-
 
 TABLES = {
     "steps": ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss", "lr", "start", "end",
