@@ -1,9 +1,9 @@
 """`frcnn-bench acceptance`: the one-command GPU acceptance run, for any CUDA machine.
 
 It makes a COCO-like synthetic set at COCO's image sizes (about 640x480 JPEGs, COCO's aspect
-ratios, 3 to 20 objects), then trains FlagPerf's A100 1x1 recipe (batch 16, lr 0.16, 800/1333,
-frozen-BN ResNet-50 with 3 trainable layers) for `--steps` steps over two epochs, in fp32 and in
-amp, and, with two GPUs or more, the amp run again as 1x2 over NCCL. It prints and checks what
+ratios, 3 to 20 objects), then trains the 1x1 configuration at FlagPerf's A100 batch (16 per GPU,
+800/1333, frozen-BN ResNet-50 with 3 trainable layers; lr by the linear rule, see `configs`) for
+`--steps` steps over two epochs, in fp32 and in amp, and, with two GPUs or more, the amp run again as 1x2 over NCCL. It prints and checks what
 only a GPU can show: the device's name, the CUDA memory figure, that amp's loss scale moved and
 its p_core beats fp32's, p_train / p_core, init_time, the energy per image (NVML, where the GPU
 has the counter) and each run's FlagPerf row. Results: acceptance.json and acceptance.md in

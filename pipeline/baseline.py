@@ -81,8 +81,7 @@ def _worker(rank: int, world: int, port: int, config: Config, manifest: pa.Table
             wait_start = time.perf_counter()
             images, targets = next(batches)
             compute_start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = recipe.learning_rate(config, epoch, index, steps_per_epoch)
+            recipe.apply_learning_rate(optimizer, config, epoch, index, steps_per_epoch)
             loss, _, _ = step.train_step(model, optimizer, scaler, images, targets, config.precision,
                                          config.clip_grad_norm, device)
             end = time.perf_counter()

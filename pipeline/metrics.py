@@ -61,15 +61,20 @@ def compute_time(steps: dict) -> float:
     return max(per_worker.values())
 
 
+def epochs_time_per_worker(epochs: dict) -> dict[int, float]:
+    """Each worker's Σ over its epochs of (end - start), by worker."""
+    per_worker = defaultdict(float)
+    for worker, start, end in zip(epochs["worker"], epochs["start"], epochs["end"]):
+        per_worker[worker] += end - start
+    return dict(per_worker)
+
+
 def whole_time(epochs: dict) -> float:
     """The slowest worker's Σ over epochs of (end - start): without restarts, the wall time from
     the first epoch's start to the last epoch's end on that worker, everything in between
     included (training, evaluation, checkpoints, reports, barriers). With restarts, the epochs
     kept from each attempt; the time lost between attempts is in time_lost_s, not here."""
-    per_worker = defaultdict(float)
-    for worker, start, end in zip(epochs["worker"], epochs["start"], epochs["end"]):
-        per_worker[worker] += end - start
-    return max(per_worker.values())
+    return max(epochs_time_per_worker(epochs).values())
 
 
 def p_whole(steps: dict, epochs: dict) -> float:

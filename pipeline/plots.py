@@ -4,7 +4,7 @@ for `frcnn-bench report`, from several runs' results. Each is 800 x 450 pixels.
 A run's plots: loss.png (loss per step, the mean over workers), map.png (bbox mAP and AP50 per
 epoch), throughput.png (each worker's images/s over the run, over a moving window of steps) and
 time.png (where each worker's time went: waiting for data, compute, evaluation, and the rest of
-its training phases: barriers, waiting for slower workers, the reporting channel).
+its epochs: barriers, waiting for slower workers, the reporting channel, checkpoints).
 """
 
 from pathlib import Path
@@ -13,6 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from pipeline import metrics  # noqa: E402
 
 SIZE, DPI = (8, 4.5), 100
 
@@ -82,9 +84,8 @@ def time_plot(steps: dict, epochs: dict, path: Path) -> Path:
     compute = [total(steps, "compute_s", w) for w in workers]
     evaluation = [total(epochs, "eval_s", w) for w in workers]
     # The rest of each worker's epochs: barriers, waiting for slower workers, reporting, checkpoints.
-    spans = [sum(end - start for v, start, end in zip(epochs["worker"], epochs["start"], epochs["end"]) if v == w)
-             for w in workers]
-    other = [max(0.0, span - a - b - c) for span, a, b, c in zip(spans, wait, compute, evaluation)]
+    spans = metrics.epochs_time_per_worker(epochs)
+    other = [max(0.0, spans[w] - a - b - c) for w, a, b, c in zip(workers, wait, compute, evaluation)]
     figure, axes = _axes("Where each worker's time went", "worker", "seconds")
     bottom = [0.0] * len(workers)
     for label, values in (("data wait", wait), ("compute", compute), ("evaluation", evaluation), ("other", other)):

@@ -28,6 +28,15 @@ def learning_rate(config: Config, epoch: int, step: int, steps_per_epoch: int) -
     return lr
 
 
+def apply_learning_rate(optimizer: torch.optim.Optimizer, config: Config, epoch: int, step: int,
+                        steps_per_epoch: int) -> float:
+    """Sets `learning_rate(...)` on every parameter group; returns it."""
+    lr = learning_rate(config, epoch, step, steps_per_epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def autocast(precision: str, device: torch.device):
     """The autocast context for a precision, the same on every device: amp is fp16 autocast (with
     loss scaling, see `grad_scaler`), bf16 is bf16 autocast, fp32 is none. On the CPU, amp runs

@@ -85,9 +85,7 @@ def train_one_epoch(model, optimizer, scaler, batches: Prefetched, config: Confi
             break
         _, images, targets = to_tensors(batch, device)
         compute_start = time.perf_counter()
-        lr = recipe.learning_rate(config, epoch, index, steps_per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = recipe.apply_learning_rate(optimizer, config, epoch, index, steps_per_epoch)
         loss, loss_scale, skipped = step.train_step(model, optimizer, scaler, images, targets, config.precision,
                                                     config.clip_grad_norm, device)
         end = time.perf_counter()
