@@ -6,14 +6,15 @@ import argparse
 import sys
 
 from pipeline import config as config_module
-from pipeline import report, synthetic
+from pipeline import coco, report, synthetic
 from pipeline.manifest import AnnotationError
 from pipeline.model import WeightsError
 from pipeline.preflight import PreflightError
 from pipeline.report import ReportError
 
 # Problems with what the user gave: one line naming it, no traceback.
-USER_ERRORS = (config_module.ConfigError, AnnotationError, WeightsError, PreflightError, FileExistsError, ReportError)
+USER_ERRORS = (config_module.ConfigError, AnnotationError, WeightsError, PreflightError, FileExistsError, ReportError,
+               coco.CocoError)
 
 
 def _run(argv: list[str]) -> None:
@@ -51,6 +52,7 @@ def _acceptance(argv: list[str]) -> None:
 COMMANDS = {
     "run": (_run, "train Faster R-CNN with Ray and write the result row"),
     "report": (report.main, "the FlagPerf table, with scaling efficiency, of several runs' results"),
+    "coco": (coco.main, "download, check and unpack COCO 2017 into the layout `run` reads"),
     "synth": (synthetic.main, "write a synthetic COCO 2017-format data set"),
     "benchmark": (_benchmark, "this pipeline against a plain DataLoader + DDP baseline"),
     "acceptance": (_acceptance, "the GPU acceptance run: fp32 and amp (and 1x2 NCCL) checked on a CUDA machine"),
