@@ -56,9 +56,9 @@ def decode_throughput(manifest, config) -> list[float]:
     return rates
 
 
-def reporting_cost(steps: int = 2000) -> float:
+def reporting_cost(folder: Path, steps: int = 2000) -> float:
     """Seconds a worker spends per step on the reporting channel (StepLog.add, batched sends)."""
-    actor = ReportingActor.remote()
+    actor = ReportingActor.remote(str(folder))
     log = StepLog(actor, worker=0)
     start = time.perf_counter()
     for step in range(steps):
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         "mem_kind": "cuda" if args.use_gpu else "cpu rss",
         "decode_images_per_s": [statistics.median(rates[i] for rates in decode) for i in (0, 1)],
         "decode_runs": decode,
-        "reporting_s_per_step": reporting_cost(), "evaluation": evaluation_times(out / "eval-set", args.eval_images),
+        "reporting_s_per_step": reporting_cost(out), "evaluation": evaluation_times(out / "eval-set", args.eval_images),
         "versions": {"torch": torch.__version__, "ray": ray.__version__},
     }
     (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -2,8 +2,9 @@
 
 A checkpoint holds what a run needs to continue exactly where the epoch ended: the model,
 optimizer and grad-scaler states, the epoch, the base shuffle seed, whether the run converged,
-and the reporting actor's records up to that epoch (the same files as a results directory), so
-that a restarted worker group or a new driver resuming the run continues the same logs.
+and the reporting actor's tables up to that epoch with the index of the run's step log (the
+same files as a results directory, but the step log itself, which stays in the run directory),
+so that a restarted worker group or a new driver resuming the run continues the same logs.
 """
 
 import tempfile
@@ -28,19 +29,24 @@ def report_epoch(scores: dict, epoch: int, converged: bool, seed: int, rank: int
     with tempfile.TemporaryDirectory() as folder:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "epoch": epoch, "converged": converged, "seed": seed}, Path(folder) / STATE)
-        results.write_records(folder, ray.get(reporter.records.remote()))
+        save_records(folder, reporter, epoch)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def save_records(folder: str | Path, reporter, epoch: int) -> None:
+    """The epoch's step rows to the run's step log; the tables and the log's index to `folder`."""
+    results.write_tables(folder, ray.get(reporter.write_steps.remote(epoch)))
 
 
 def restore(model: torch.nn.Module, optimizer, scaler) -> tuple[int, bool, dict | None]:
     """From the run's latest checkpoint, if it has one: loads the states and returns (the epoch
-    to start at, whether the run had converged, the saved records); else (0, False, None)."""
+    to start at, whether the run had converged, the saved tables); else (0, False, None)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, False, None
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
-        records = results.load_records(folder)
+        records = results.load_tables(folder)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

@@ -10,6 +10,7 @@ its epochs: barriers, waiting for slower workers, the reporting channel, checkpo
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from pipeline import metrics  # noqa: E402
 
 SIZE, DPI = (8, 4.5), 100
+POINTS = 2000  # per line of the throughput plot
 
 
 def _save(figure, path: Path) -> Path:
@@ -34,12 +36,12 @@ def _axes(title: str, xlabel: str, ylabel: str):
 
 
 def loss_plot(steps: dict, path: Path) -> Path:
-    losses = {}
-    for epoch, step, loss in zip(steps["epoch"], steps["step"], steps["loss"]):
-        losses.setdefault((epoch, step), []).append(loss)
-    keys = sorted(losses)
+    epoch, step = np.asarray(steps["epoch"]), np.asarray(steps["step"])
+    _, index = np.unique(np.stack([epoch, step]), axis=1, return_inverse=True)  # (epoch, step) in order
+    index = index.ravel()
+    means = np.bincount(index, weights=np.asarray(steps["loss"], dtype=np.float64)) / np.bincount(index)
     figure, axes = _axes("Training loss", "step", "loss (mean over workers)")
-    axes.plot(range(1, len(keys) + 1), [sum(losses[k]) / len(losses[k]) for k in keys], linewidth=1)
+    axes.plot(np.arange(1, len(means) + 1), means, linewidth=1)
     return _save(figure, path)
 
 
@@ -55,22 +57,25 @@ def map_plot(epochs: dict, path: Path) -> Path:
 
 def throughput_plot(steps: dict, path: Path) -> Path:
     """Per worker, at each step's end: the images of its last `window` steps of the same epoch over
-    the time from the first of them starting to the last ending (so evaluations are left out)."""
-    t0 = min(steps["start"])
+    the time from the first of them starting to the last ending (so evaluations are left out).
+    At most POINTS points a line: every k-th step's value on long runs."""
+    columns = {name: np.asarray(steps[name]) for name in ("worker", "epoch", "step", "start", "end", "images")}
+    t0 = columns["start"].min()
     figure, axes = _axes("Training throughput per worker", "seconds since the first step", "images/s")
-    for worker in sorted(set(steps["worker"])):
-        rows = sorted((ep, end, start, n) for w, ep, end, start, n in zip(
-            steps["worker"], steps["epoch"], steps["end"], steps["start"], steps["images"]) if w == worker)
-        window = max(1, len(rows) // 50)
+    for worker in np.unique(columns["worker"]).tolist():
+        mine = np.flatnonzero(columns["worker"] == worker)
+        mine = mine[np.lexsort((columns["step"][mine], columns["epoch"][mine]))]
+        window, stride = max(1, len(mine) // 50), max(1, len(mine) // POINTS)
         xs, ys = [], []
-        for epoch in sorted({row[0] for row in rows}):
-            mine = [row[1:] for row in rows if row[0] == epoch]
-            for i, (end, _, _) in enumerate(mine):
-                first = max(0, i - window + 1)
-                xs.append(end - t0)
-                ys.append(sum(n for _, _, n in mine[first:i + 1]) / (end - mine[first][1]))
-            xs.append(xs[-1])
-            ys.append(float("nan"))  # a break in the line where the epoch's evaluation was
+        for epoch in np.unique(columns["epoch"][mine]):
+            rows = mine[columns["epoch"][mine] == epoch]
+            images = np.concatenate([[0], np.cumsum(columns["images"][rows])])
+            last = np.arange(len(rows))
+            first = np.maximum(0, last - window + 1)
+            ends = columns["end"][rows]
+            rates = (images[last + 1] - images[first]) / (ends - columns["start"][rows][first])
+            xs += [*(ends[::stride] - t0), ends[-1] - t0]
+            ys += [*rates[::stride], float("nan")]  # a break in the line where the epoch's evaluation was
         axes.plot(xs, ys, marker=".", linewidth=1, label=f"worker {worker}")
     axes.legend(fontsize="small", ncol=4)
     return _save(figure, path)
@@ -78,11 +83,9 @@ def throughput_plot(steps: dict, path: Path) -> Path:
 
 def time_plot(steps: dict, epochs: dict, path: Path) -> Path:
     workers = sorted(set(epochs["worker"]))
-    def total(table, column, worker):
-        return sum(v for w, v in zip(table["worker"], table[column]) if w == worker)
-    wait = [total(steps, "data_wait_s", w) for w in workers]
-    compute = [total(steps, "compute_s", w) for w in workers]
-    evaluation = [total(epochs, "eval_s", w) for w in workers]
+    totals = [metrics.sum_by(table["worker"], table[column])
+              for table, column in ((steps, "data_wait_s"), (steps, "compute_s"), (epochs, "eval_s"))]
+    wait, compute, evaluation = ([total.get(w, 0.0) for w in workers] for total in totals)
     # The rest of each worker's epochs: barriers, waiting for slower workers, reporting, checkpoints.
     spans = metrics.epochs_time_per_worker(epochs)
     other = [max(0.0, spans[w] - a - b - c) for w, a, b, c in zip(workers, wait, compute, evaluation)]
@@ -95,9 +98,8 @@ def time_plot(steps: dict, epochs: dict, path: Path) -> Path:
     return _save(figure, path)
 
 
-def write_run_plots(run_dir: Path, records: dict) -> list[Path]:
+def write_run_plots(run_dir: Path, steps: dict, epochs: dict) -> list[Path]:
     run_dir = Path(run_dir)
-    steps, epochs = records["steps"], records["epochs"]
     return [loss_plot(steps, run_dir / "loss.png"), map_plot(epochs, run_dir / "map.png"),
             throughput_plot(steps, run_dir / "throughput.png"), time_plot(steps, epochs, run_dir / "time.png")]
 

@@ -1,34 +1,33 @@
 """The reporting channel: workers buffer their timings and send them in batches to one
-`ReportingActor`, owned by the driver, which keeps them as columns; the driver computes the
-figures from them (pipeline.metrics).
+`ReportingActor`, owned by the driver; the driver computes the figures from them (pipeline.metrics).
+
+The actor's memory does not grow with the run: step rows stay with it only until their epoch
+ends, when rank 0 has it write them to the run's step log (one Parquet file per epoch, see
+pipeline.results) and the checkpoint records the log's index. It keeps the small tables (a row
+per epoch and worker, per worker, per attempt, per unusable image) and what the live display needs.
 
 The actor outlives worker-group restarts. Each start of the worker group is an attempt; an
-attempt that resumes from a checkpoint at epoch k replaces the actor's rows with the rows saved
-in that checkpoint (epochs before k), so work done after the checkpoint and lost with the failed
+attempt that resumes from a checkpoint at epoch k keeps the step log's epochs before k and the
+tables saved in that checkpoint, so work done after the checkpoint and lost with the failed
 workers is counted once, as lost, never in the figures (see `begin_attempt`).
 """
 
 import collections
 import time
+from pathlib import Path
 
 import ray
 
-TABLES = {
-    "steps": ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss", "lr", "start", "end",
-              "image_pixels", "batch_pixels", "loss_scale", "skipped"),
-    "epochs": ("worker", "epoch", "start", "end", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75",
-               "energy_j"),
-    "workers": ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind",
-                "env"),
-    # One row per start of the worker group. time_lost_s: from the end of the last step kept (or
-    # the previous attempt's start) to this start; lost_*: work of the failed attempt not kept.
-    "attempts": ("attempt", "start_epoch", "started", "resumed", "lost_steps", "lost_images", "time_lost_s"),
-    # Images left out because they could not be used, once per split and file.
-    "bad_images": ("split", "image_id", "path", "reason"),
-}
+from pipeline import results
+from pipeline.results import TABLES
+
 STEP_COLUMNS = TABLES["steps"]
 # Live progress: "images/s now" counts the steps that ended in the last RECENT_S seconds.
 RECENT_S = 10.0
+
+
+class StepLogError(RuntimeError):
+    """The run's step log does not match the checkpoint it resumes from."""
 
 
 def empty_records() -> dict:
@@ -41,8 +40,10 @@ def _keep(table: dict, rows: list[int]) -> dict:
 
 @ray.remote(num_cpus=0)
 class ReportingActor:
-    def __init__(self):
-        self.tables = empty_records()
+    def __init__(self, run_dir: str):
+        self.run_dir = Path(run_dir)
+        self.tables = empty_records()  # "steps": only those of epochs not yet in the step log
+        self.step_log: dict[int, dict] = {}  # the step log's index: epoch -> rows, images, last_end
         self.fatal = ""
         self._reset_live(start_epoch=0)
 
@@ -64,14 +65,14 @@ class ReportingActor:
             self.tables[table][name].append(row[name])
 
     def add_steps(self, rows: list[tuple]) -> None:
+        steps = self.tables["steps"]
         for row in rows:
+            for name, value in zip(STEP_COLUMNS, row):
+                steps[name].append(value)
             step = dict(zip(STEP_COLUMNS, row))
-            for name, value in step.items():
-                self.tables["steps"][name].append(value)
             self.latest[step["worker"]] = (step["epoch"], step["step"], step["loss"])
             self.recent.append((step["end"], step["images"]))
             self.started = min(self.started or step["start"], step["start"])
-
     def evaluating(self, worker: int, epoch: int, images: int) -> None:
         self.evaluated[worker] = (epoch, images)
 
@@ -115,32 +116,66 @@ class ReportingActor:
         return {i: f"{path}: {reason}" for s, i, path, reason in zip(bad["split"], bad["image_id"], bad["path"],
                                                                     bad["reason"]) if s == split}
 
-    def begin_attempt(self, start_epoch: int, saved: dict | None) -> None:
-        """A start of the worker group at `start_epoch`, from the records saved in the checkpoint
-        it resumes from (None without a checkpoint). Rows of epochs from start_epoch on are the
-        failed attempt's lost work: counted in this attempt's row, dropped from the figures."""
+    def write_steps(self, epoch: int) -> dict:
+        """The epoch's step rows (every worker's, all with the actor) to the run's step log, and
+        out of memory; returns the tables a checkpoint keeps, with the step log's index."""
+        steps = self.tables["steps"]
+        mine = [i for i, e in enumerate(steps["epoch"]) if e == epoch]
+        self.step_log[epoch] = results.write_step_file(self.run_dir, epoch, _keep(steps, mine))
+        self.tables["steps"] = _keep(steps, [i for i, e in enumerate(steps["epoch"]) if e != epoch])
+        return self.records()
+
+    def _drop_lost_steps(self, start_epoch: int) -> tuple[int, int]:
+        """Step rows of epochs from start_epoch on, in memory or in the step log, dropped:
+        (steps, images)."""
         steps = self.tables["steps"]
         lost = [i for i, epoch in enumerate(steps["epoch"]) if epoch >= start_epoch]
+        count, images = len(lost), sum(steps["images"][i] for i in lost)
+        self.tables["steps"] = _keep(steps, [i for i, epoch in enumerate(steps["epoch"]) if epoch < start_epoch])
+        for epoch in results.step_log_epochs(self.run_dir):
+            if epoch >= start_epoch:
+                path = results.step_file(self.run_dir, epoch)
+                written = results.read_steps([path], ("images",))["images"]
+                count, images = count + len(written), images + int(written.sum())
+                path.unlink()
+        return count, images
+
+    def _check_step_log(self) -> None:
+        for epoch, entry in self.step_log.items():
+            path = results.step_file(self.run_dir, epoch)
+            rows = results.step_file_rows(path)
+            if rows != entry["rows"]:
+                raise StepLogError(f"{path}: {'missing' if rows is None else f'{rows} rows'}, the checkpoint "
+                                   f"resumed from recorded {entry['rows']}")
+
+    def begin_attempt(self, start_epoch: int, saved: dict | None) -> None:
+        """A start of the worker group at `start_epoch`, from the tables saved in the checkpoint
+        it resumes from (None without a checkpoint). Steps of epochs from start_epoch on are the
+        failed attempt's lost work: counted in this attempt's row, dropped from the figures."""
+        lost_steps, lost_images = self._drop_lost_steps(start_epoch)
         # This driver's attempts if it has had one (they include the history it resumed from),
         # else the history saved with the checkpoint (a new driver resuming a run).
         attempts = self.tables["attempts"] if self.tables["attempts"]["attempt"] or saved is None else saved["attempts"]
         if saved is not None:
-            self.tables = {**saved, "workers": self.tables["workers"], "attempts": attempts}
+            self.tables.update(epochs=saved["epochs"], bad_images=saved["bad_images"], attempts=attempts)
+            self.step_log = dict(saved["step_log"])
+            self._check_step_log()
         else:
-            for name in ("steps", "epochs"):
-                table = self.tables[name]
-                self.tables[name] = _keep(table, [i for i, e in enumerate(table["epoch"]) if e < start_epoch])
+            epochs = self.tables["epochs"]
+            self.tables["epochs"] = _keep(epochs, [i for i, e in enumerate(epochs["epoch"]) if e < start_epoch])
+            self.step_log = {}
         self._reset_live(start_epoch)
         now = time.time()
-        kept_end = max(self.tables["steps"]["end"], default=None)
+        kept_end = max((entry["last_end"] for entry in self.step_log.values()), default=None)
         previous = attempts["started"][-1] if attempts["started"] else None
         self._append("attempts", {
             "attempt": len(attempts["attempt"]), "start_epoch": start_epoch, "started": now,
-            "resumed": saved is not None, "lost_steps": len(lost), "lost_images": sum(steps["images"][i] for i in lost),
+            "resumed": saved is not None, "lost_steps": lost_steps, "lost_images": lost_images,
             "time_lost_s": 0.0 if previous is None else now - (kept_end if kept_end is not None else previous)})
 
     def records(self) -> dict:
-        return self.tables
+        """Every table but the steps (those are in the step log), and the step log's index."""
+        return {**{name: self.tables[name] for name in results.SMALL_TABLES}, "step_log": self.step_log}
 
 
 class StepLog:

@@ -119,7 +119,7 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     check_resources(config)
     annotations, images = zip(*(split_paths(root, split) for split in ("train", "val")))
     check_nodes_see([p.resolve() for p in (*annotations, *images, *weights)], run_dir.parent)
-    reporter = ReportingActor.remote()
+    reporter = ReportingActor.remote(str(run_dir))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config, "reporter": reporter, "steps_per_epoch": steps_per_epoch,
@@ -145,13 +145,22 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
         raise TrainingFailed(fatal)
     records = ray.get(reporter.records.remote())
     ray.kill(reporter)
-    figures = metrics.figures(records["steps"], records["epochs"], records["workers"], config.target_map)
+    data_facts = {"root": str(root.resolve()), "train": train_stats.__dict__, "val": val_stats.__dict__}
+    return write_results(config, run_dir, records, {"process_start": process_start, "steps_per_epoch": steps_per_epoch,
+                                                    "data": data_facts})
 
+
+def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> dict:
+    """The figures from the step log and the tables, result.json, row.md, the tables and the
+    plots into the run directory; returns result.json's content. `facts`: process_start,
+    steps_per_epoch and data, as result.json shows them."""
+    steps = results.load_steps(run_dir)
+    figures = metrics.figures(steps, records["epochs"], records["workers"], config.target_map)
     epochs = records["epochs"]
     rank0 = [i for i, worker in enumerate(epochs["worker"]) if worker == 0]
     final = rank0[-1]
     result = {
-        "run_name": run_name,
+        "run_name": run_dir.name,
         "run_dir": str(run_dir),
         "config_label": config_label(records["workers"]),
         "map": epochs["map"][final], "ap50": epochs["ap50"][final], "ap75": epochs["ap75"][final],
@@ -159,9 +168,9 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
         "epochs": len(rank0),
         "converged": epochs["map"][final] >= config.target_map,
         **figures,
-        "process_start": process_start,
-        "init_time": metrics.init_time(records["steps"], process_start),
-        "steps_per_epoch": steps_per_epoch,
+        "process_start": facts["process_start"],
+        "init_time": metrics.init_time(steps, facts["process_start"]),
+        "steps_per_epoch": facts["steps_per_epoch"],
         # Work lost to failures is not in the figures above (see pipeline/reporting.py).
         "attempts": len(records["attempts"]["attempt"]),
         "time_lost_s": sum(records["attempts"]["time_lost_s"]),
@@ -169,7 +178,7 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
         "bad_images": {split: [f"{path}: {reason}" for s, path, reason in zip(
             records["bad_images"]["split"], records["bad_images"]["path"], records["bad_images"]["reason"]) if s == split]
             for split in ("train", "val")},
-        "data": {"root": str(root.resolve()), "train": train_stats.__dict__, "val": val_stats.__dict__},
+        "data": facts["data"],
         "workers": len(records["workers"]["worker"]),
         "nodes": len(set(records["workers"]["node"])),
         "devices": sorted(set(records["workers"]["device"])),
@@ -178,8 +187,8 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
         "config": to_dict(config),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    results.write_records(run_dir, records)
-    result["plots"] = [str(path) for path in plots.write_run_plots(run_dir, records)]
-    result["e2e_time"] = metrics.e2e_time(process_start, time.time())
+    results.write_tables(run_dir, records)
+    result["plots"] = [str(path) for path in plots.write_run_plots(run_dir, steps, epochs)]
+    result["e2e_time"] = metrics.e2e_time(facts["process_start"], time.time())
     results.write_result(run_dir, result)
     return result

@@ -75,11 +75,11 @@ def val_stream(ray_head, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mistake", sorted(MISTAKES))
-def test_oracle_detections_score_one_and_mistakes_score_lower(val_stream, mistake):
+def test_oracle_detections_score_one_and_mistakes_score_lower(val_stream, mistake, tmp_path):
     root, stream, truth = val_stream
     config = resolve(batch_size=2, num_workers=1, coco_evaluator="faster-coco-eval")
     ground_truth = evaluation.load_ground_truth(str(split_paths(root, "val")[0]), config.coco_evaluator)
-    reporter = ReportingActor.remote()
+    reporter = ReportingActor.remote(str(tmp_path))
     scores, inferred = evaluate(Oracle(truth, MISTAKES[mistake]), stream, config, CPU, ground_truth, reporter, 0)
     ray.kill(reporter)
     assert inferred == 24

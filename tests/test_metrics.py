@@ -180,14 +180,24 @@ def test_records_round_trip(tmp_path):
     attempts = {"attempt": [0, 1], "start_epoch": [0, 1], "started": [90.0, 105.5], "resumed": [False, True],
                 "lost_steps": [0, 2], "lost_images": [0, 4], "time_lost_s": [0.0, 3.5]}
     bad_images = {"split": ["train"], "image_id": [7], "path": ["/data/train2017/7.jpg"], "reason": ["file not found"]}
-    records = {"steps": STEPS, "epochs": EPOCHS, "workers": WORKERS, "attempts": attempts, "bad_images": bad_images}
-    results.write_records(tmp_path, records)
+    index = {}
+    for epoch in (0, 1):
+        rows = [i for i, e in enumerate(STEPS["epoch"]) if e == epoch]
+        index[epoch] = results.write_step_file(tmp_path, epoch, {k: [v[i] for i in rows] for k, v in STEPS.items()})
+    assert index == {0: {"rows": 4, "images": 8, "last_end": 104.0}, 1: {"rows": 2, "images": 4, "last_end": 108.0}}
+    tables = {"epochs": EPOCHS, "workers": WORKERS, "attempts": attempts, "bad_images": bad_images, "step_log": index}
+    results.write_tables(tmp_path, tables)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "attempts.jsonl", "bad_images.jsonl", "epochs.jsonl", "steps.parquet", "workers.jsonl"]
+        "attempts.jsonl", "bad_images.jsonl", "epochs.jsonl", "step_log.json", "steps.parquet", "workers.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "steps.parquet").iterdir()) == ["epoch-0000.parquet", "epoch-0001.parquet"]
     loaded = results.load_records(tmp_path)
-    assert loaded == records
-    assert metrics.figures(loaded["steps"], loaded["epochs"], loaded["workers"], 0.36) == metrics.figures(
-        STEPS, EPOCHS, WORKERS, 0.36)
+    steps = loaded.pop("steps")
+    assert loaded == tables
+    order = sorted(range(6), key=lambda i: (STEPS["epoch"][i], STEPS["worker"][i]))
+    assert {name: column.tolist() for name, column in steps.items()} == {
+        name: [values[i] for i in order] for name, values in STEPS.items()}
+    # numpy columns from the step log give the same figures as lists
+    assert metrics.figures(steps, EPOCHS, WORKERS, 0.36) == metrics.figures(STEPS, EPOCHS, WORKERS, 0.36)
 
 
 RESULT = {
