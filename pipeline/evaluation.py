@@ -13,6 +13,9 @@ import faster_coco_eval
 import pycocotools.coco
 import pycocotools.cocoeval
 import torch
+import torch.distributed as dist
+
+from pipeline.manifest import garbage_collection_paused
 
 # A mAP is a figure of the val split only when at least this share of its images were evaluated
 # (the others could not be decoded); fewer stop the run (see check_enough_evaluated).
@@ -34,6 +37,19 @@ def coco_detections(image_ids: list[int], outputs: list[dict]) -> list[dict]:
                                      output["labels"].cpu().tolist()):
             detections.append({"image_id": image_id, "category_id": label, "bbox": box, "score": score})
     return detections
+
+
+def gather_on_rank0(seen: list[int], detections: list[dict]) -> tuple[list[int], list[dict]]:
+    """Every worker's (image ids seen, COCO detections), concatenated in rank order, on rank 0;
+    the other ranks (and a run without a process group) get their own back."""
+    if not dist.is_initialized():
+        return seen, detections
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    with garbage_collection_paused():
+        dist.gather_object((seen, detections), gathered, dst=0)
+    if dist.get_rank() != 0:
+        return seen, detections
+    return [i for ids, _ in gathered for i in ids], [d for _, dets in gathered for d in dets]
 
 
 @contextlib.contextmanager
@@ -84,7 +100,7 @@ def coco_map(ground_truth, detections: list[dict], evaluator: str, image_ids: li
     the ground truth, loaded by `load_ground_truth` with the same evaluator)."""
     if not detections:  # pycocotools' loadRes cannot take an empty list; nothing detected is AP 0
         return {"map": 0.0, "ap50": 0.0, "ap75": 0.0}
-    with _quiet():
+    with _quiet(), garbage_collection_paused():
         evaluator = EVALUATORS[evaluator][1](ground_truth, ground_truth.loadRes(detections), "bbox")
         if image_ids is not None:
             evaluator.params.imgIds = sorted(image_ids)

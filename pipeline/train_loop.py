@@ -136,12 +136,7 @@ def evaluate(model, shard, config: Config, device: torch.device, ground_truth, r
     rank = dist.get_rank() if dist.is_initialized() else 0
     seen, detections = infer_shard(step.unwrap(model), shard, config, device, reporter, rank, epoch)
     inferred = len(seen)
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object((seen, detections), gathered, dst=0)
-        if dist.get_rank() == 0:
-            seen = [i for ids, _ in gathered for i in ids]
-            detections = [d for _, dets in gathered for d in dets]
+    seen, detections = evaluation.gather_on_rank0(seen, detections)
     result = [None]
     if ground_truth is not None:
         unusable = ray.get(reporter.bad_images.remote("val"))

@@ -76,3 +76,17 @@ def test_not_coco_is_named(tmp_path):
         build_manifest(path, tmp_path, drop_empty=True)
     with pytest.raises(AnnotationError, match="missing.json: annotation file not found"):
         build_manifest(tmp_path / "missing.json", tmp_path, drop_empty=True)
+
+
+def test_each_images_boxes_keep_the_files_order(tmp_path):
+    """Annotations of two images interleaved in the file: each image's boxes in the file's order."""
+    annotations = [{"id": n, "image_id": 1 + 2 * (n % 2), "category_id": 3, "bbox": [n, 0, 1, 1]} for n in range(40)]
+    table, _ = build_manifest(write_annotations(tmp_path, IMAGES, annotations), tmp_path, drop_empty=True)
+    left_edges = {row["image_id"]: row["boxes"][::4] for row in table.to_pylist()}
+    assert left_edges == {1: list(range(0, 40, 2)), 3: list(range(1, 40, 2))}
+
+
+def test_an_integer_beyond_floats_is_no_finite_number(tmp_path):
+    path = write_annotations(tmp_path, IMAGES, [{"id": 9, "image_id": 1, "category_id": 3, "bbox": [10**400, 0, 1, 1]}])
+    with pytest.raises(AnnotationError, match=r"annotation 9 has bbox \[1000.*, not four finite numbers"):
+        build_manifest(path, tmp_path, drop_empty=True)
