@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import venv_env
 from pipeline import images, synthetic
 from pipeline.config import resolve
+from pipeline.manifest import AnnotationError, build_manifest, split_paths
 from pipeline.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,37 +158,7 @@ BAD_RUNS = {
                          "has category id 12, not one of the file's categories"),
     "bbox of three numbers": ([], ("train", edit_json(lambda d: d["annotations"][0].update(bbox=[1, 2, 3]))),
                               "annotation 1 has bbox [1, 2, 3], not four finite numbers"),
-    "bbox null": ([], ("val", edit_json(lambda d: d["annotations"][0].update(bbox=None))),
-                  "annotation 1 has bbox None, not four finite numbers"),
-    "bbox NaN": ([], ("train", edit_json(lambda d: d["annotations"][0].update(bbox=[float("nan"), 0, 5, 5]))),
-                 "annotation 1 has bbox [nan, 0, 5, 5], not four finite numbers"),
-    "bbox with a string": ([], ("train", edit_json(lambda d: d["annotations"][0].update(bbox=["10", 0, 5, 5]))),
-                           "annotation 1 has bbox ['10', 0, 5, 5], not four finite numbers"),
-    "iscrowd neither 0 nor 1": ([], ("train", edit_json(lambda d: d["annotations"][0].update(iscrowd="no"))),
-                                "annotation 1 has iscrowd 'no', not 0 or 1"),
-    "area a string": ([], ("val", edit_json(lambda d: d["annotations"][0].update(area="big"))),
-                      "annotation 1 has area 'big', not a finite number >= 0"),
-    "category id a string": ([], ("train", edit_json(lambda d: d["annotations"][0].update(category_id="18"))),
-                             "annotation 1 has category id '18', not one of the file's categories"),
-    "annotation without bbox": ([], ("train", edit_json(lambda d: d["annotations"][0].pop("bbox"))),
-                                "annotation 1 has no 'bbox'"),
-    "annotation id a string": ([], ("train", edit_json(lambda d: d["annotations"][0].update(id="a1"))),
-                               "annotations[0] has id 'a1', not an integer"),
-    "annotation not an object": ([], ("train", edit_json(lambda d: d["annotations"].__setitem__(0, 7))),
-                                 "annotations[0] is 7, not a JSON object"),
-    "duplicate annotation id": ([], ("train", edit_json(lambda d: d["annotations"][1].update(id=1))),
-                                "annotation id 1 appears twice"),
     "duplicate image id": ([], ("train", edit_json(lambda d: d["images"][1].update(id=1))), "image id 1 appears twice"),
-    "duplicate category id": ([], ("val", edit_json(lambda d: d["categories"][1].update(id=1))),
-                              "category id 1 appears twice"),
-    "image without id": ([], ("train", edit_json(lambda d: d["images"][0].pop("id"))), "images[0] has no 'id'"),
-    "image without width": ([], ("train", edit_json(lambda d: d["images"][0].pop("width"))), "image 1 has no 'width'"),
-    "image width a string": ([], ("train", edit_json(lambda d: d["images"][0].update(width="64"))),
-                             "image 1 has width '64', not a positive integer"),
-    "image height infinite": ([], ("val", edit_json(lambda d: d["images"][0].update(height=float("inf")))),
-                              "image 1000001 has height inf, not a positive integer"),
-    "image file name missing": ([], ("train", edit_json(lambda d: d["images"][0].update(file_name=None))),
-                                "image 1 has file_name None, not a file name"),
     "empty training split": ([], ("train", edit_json(lambda d: [a.update(iscrowd=1) for a in d["annotations"]])),
                              "0 usable train images of 4"),
     "empty val split": ([], ("val", edit_json(lambda d: d.update(images=[], annotations=[]))),
@@ -209,6 +180,52 @@ def test_bad_configuration_and_annotations_fail_in_one_line(small_coco, tmp_path
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("frcnn-bench: ") and message in lines[-1], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+# Structural problems of an annotation file: the same AnnotationError as the cases above that
+# go through the CLI (bbox of three numbers, duplicate image id), checked here without a process
+# each. name -> (split, change to a copy of the data set, expected message)
+ANNOTATION_PROBLEMS = {
+    "bbox null": ("val", edit_json(lambda d: d["annotations"][0].update(bbox=None)),
+                  "annotation 1 has bbox None, not four finite numbers"),
+    "bbox NaN": ("train", edit_json(lambda d: d["annotations"][0].update(bbox=[float("nan"), 0, 5, 5])),
+                 "annotation 1 has bbox [nan, 0, 5, 5], not four finite numbers"),
+    "bbox with a string": ("train", edit_json(lambda d: d["annotations"][0].update(bbox=["10", 0, 5, 5])),
+                           "annotation 1 has bbox ['10', 0, 5, 5], not four finite numbers"),
+    "iscrowd neither 0 nor 1": ("train", edit_json(lambda d: d["annotations"][0].update(iscrowd="no")),
+                                "annotation 1 has iscrowd 'no', not 0 or 1"),
+    "area a string": ("val", edit_json(lambda d: d["annotations"][0].update(area="big")),
+                      "annotation 1 has area 'big', not a finite number >= 0"),
+    "category id a string": ("train", edit_json(lambda d: d["annotations"][0].update(category_id="18")),
+                             "annotation 1 has category id '18', not one of the file's categories"),
+    "annotation without bbox": ("train", edit_json(lambda d: d["annotations"][0].pop("bbox")),
+                                "annotation 1 has no 'bbox'"),
+    "annotation id a string": ("train", edit_json(lambda d: d["annotations"][0].update(id="a1")),
+                               "annotations[0] has id 'a1', not an integer"),
+    "annotation not an object": ("train", edit_json(lambda d: d["annotations"].__setitem__(0, 7)),
+                                 "annotations[0] is 7, not a JSON object"),
+    "duplicate annotation id": ("train", edit_json(lambda d: d["annotations"][1].update(id=1)),
+                                "annotation id 1 appears twice"),
+    "duplicate category id": ("val", edit_json(lambda d: d["categories"][1].update(id=1)),
+                              "category id 1 appears twice"),
+    "image without id": ("train", edit_json(lambda d: d["images"][0].pop("id")), "images[0] has no 'id'"),
+    "image without width": ("train", edit_json(lambda d: d["images"][0].pop("width")), "image 1 has no 'width'"),
+    "image width a string": ("train", edit_json(lambda d: d["images"][0].update(width="64")),
+                             "image 1 has width '64', not a positive integer"),
+    "image height infinite": ("val", edit_json(lambda d: d["images"][0].update(height=float("inf"))),
+                              "image 1000001 has height inf, not a positive integer"),
+    "image file name missing": ("train", edit_json(lambda d: d["images"][0].update(file_name=None)),
+                                "image 1 has file_name None, not a file name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ANNOTATION_PROBLEMS))
+def test_each_structural_problem_of_an_annotation_file_is_named(small_coco, tmp_path, case):
+    split, edit, message = ANNOTATION_PROBLEMS[case]
+    root = broken_copy(small_coco, tmp_path, split, edit)
+    with pytest.raises(AnnotationError) as error:
+        build_manifest(*split_paths(root, split), drop_empty=split == "train")
+    assert str(error.value).startswith(f"{split_paths(root, split)[0]}: ") and message in str(error.value)
 
 
 def test_a_val_split_with_too_few_usable_images_stops_the_run(ray_head, small_coco, tmp_path):
