@@ -73,14 +73,19 @@ class ReportingActor:
             self.latest[step["worker"]] = (step["epoch"], step["step"], step["loss"])
             self.recent.append((step["end"], step["images"]))
             self.started = min(self.started or step["start"], step["start"])
+        self._forget_before(time.time() - RECENT_S)
+
+    def _forget_before(self, moment: float) -> None:
+        """Recent steps are kept for RECENT_S seconds, whether or not a display asks for them."""
+        while self.recent and self.recent[0][0] < moment:
+            self.recent.popleft()
     def evaluating(self, worker: int, epoch: int, images: int) -> None:
         self.evaluated[worker] = (epoch, images)
 
     def progress(self) -> dict:
         """What the driver's progress display shows; cheap however long the run (see RECENT_S)."""
         now = time.time()
-        while self.recent and self.recent[0][0] < now - RECENT_S:
-            self.recent.popleft()
+        self._forget_before(now - RECENT_S)
         window = min(RECENT_S, now - self.started) if self.started else 0.0
         epochs = self.tables["epochs"]
         scores = [(e, m) for w, e, m in zip(epochs["worker"], epochs["epoch"], epochs["map"]) if w == 0]
