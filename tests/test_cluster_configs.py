@@ -1,20 +1,27 @@
 """The cluster configurations in cluster/: the Ray launcher YAML goes through Ray's own
-validation (as `ray up` does), the KubeRay RayJob has the fields KubeRay requires, and both run
-the same entrypoint. No Ray cluster is started."""
+validation (as `ray up` does), the KubeRay RayJob has the fields KubeRay requires, both run
+the same entrypoint, and the image the RayJob runs (cluster/Dockerfile) is built on the Ray and
+Python that pyproject.toml pins. No Ray cluster is started, no image is built."""
 
 import copy
+import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import click
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
 LAUNCHER = CLUSTER / "two-nodes-8gpu.yaml"
 RAYJOB = CLUSTER / "rayjob-2x8.yaml"
+DOCKERFILE = CLUSTER / "Dockerfile"
 ENTRYPOINT_PREFIX = ["python", "-m", "jobs.train", "--preset", "a100-2x8"]
 SHARED = "/mnt/shared"
 
@@ -39,6 +46,62 @@ def submit_command() -> list[str]:
 def after_dashdash(argv: list[str]) -> list[str]:
     assert "--" in argv, argv
     return argv[argv.index("--") + 1:]
+
+
+def pinned_ray() -> str:
+    """X of pyproject.toml's `ray[...]==X` dependency."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray,) = [r for r in map(Requirement, deps) if r.name == "ray"]
+    (spec,) = ray.specifier
+    assert spec.operator == "==", f"ray is pinned exactly: {ray}"
+    return spec.version
+
+
+def pinned_python_minor() -> str:
+    """The one Python minor (e.g. "3.11") that pyproject.toml's requires-python admits."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    spec = SpecifierSet(project["requires-python"])
+    minors = [f"3.{m}" for m in range(30)
+              if spec.contains(f"3.{m}.0") and spec.contains(f"3.{m}.99")]
+    assert len(minors) == 1, f"requires-python {spec} admits one minor, not {minors}"
+    return minors[0]
+
+
+def dockerfile(text: str | None = None) -> list[tuple[str, str]]:
+    """cluster/Dockerfile's instructions as (INSTRUCTION, arguments), comments dropped and
+    continuation lines joined."""
+    text = DOCKERFILE.read_text() if text is None else text
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+            for line in joined.splitlines() if line.strip()]
+
+
+BASE_TAG = re.compile(r"rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>3\d+)-(?P<platform>\S+)")
+
+
+def base_image(text: str | None = None) -> re.Match:
+    froms = [args for instruction, args in dockerfile(text) if instruction == "FROM"]
+    assert len(froms) == 1, f"one stage, one FROM: {froms}"
+    match = BASE_TAG.fullmatch(froms[0])
+    assert match, f"FROM {froms[0]!r} is not a rayproject/ray:<ray>-py<python>-<platform> tag"
+    return match
+
+
+def readme_image() -> str:
+    """The -t of the README's `docker build -f cluster/Dockerfile` line."""
+    builds = [shlex.split(line.strip()) for line in (ROOT / "README.md").read_text().splitlines()
+              if line.strip().startswith("docker build")]
+    assert len(builds) == 1, builds
+    (argv,) = builds
+    assert argv[argv.index("-f") + 1] == "cluster/Dockerfile" and argv[-1] == ".", argv
+    return argv[argv.index("-t") + 1]
+
+
+def repository(image: str) -> str:
+    """`frcnn-ray-bench` of `<registry>/frcnn-ray-bench:<version>`."""
+    name = image.rsplit("/", 1)[-1]
+    return name.split(":", 1)[0]
 
 
 # --- Ray cluster launcher -------------------------------------------------------------------
@@ -143,7 +206,7 @@ def test_rayjob_kind_and_job_fields(rayjob):
 
 def test_rayjob_cluster_spec(rayjob):
     cluster = rayjob["spec"]["rayClusterSpec"]
-    assert cluster["rayVersion"] == "2.58.0"
+    assert cluster["rayVersion"] == pinned_ray()
     head = cluster["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict)
     assert head["rayStartParams"]["num-gpus"] == "0"
@@ -174,3 +237,56 @@ def test_rayjob_shared_volume_in_head_and_workers(rayjob):
 
 def test_same_entrypoint_in_both(rayjob):
     assert shlex.split(rayjob["spec"]["entrypoint"]) == after_dashdash(submit_command())
+
+
+# --- the image: cluster/Dockerfile ----------------------------------------------------------
+
+
+def check_base_matches_pins(text: str | None = None) -> None:
+    base = base_image(text)
+    python = pinned_python_minor().replace(".", "")
+    assert base["ray"] == pinned_ray(), "FROM's Ray is pyproject.toml's ray pin: bump them together"
+    assert base["py"] == python, "FROM's Python is the minor of pyproject.toml's requires-python"
+    # An explicit CUDA, not the `-gpu` alias (Ray's default CUDA, which moves between releases).
+    assert re.fullmatch(r"cu\d{3}", base["platform"]), f"explicit CUDA tag: {base['platform']}"
+
+
+def test_dockerfile_base_is_the_pinned_ray_and_python():
+    check_base_matches_pins()
+
+
+@pytest.mark.parametrize("from_line, error", [
+    ("FROM rayproject/ray:2.57.0-py311-cu130", "FROM's Ray"),
+    ("FROM rayproject/ray:2.58.0-py312-cu130", "FROM's Python"),
+    ("FROM rayproject/ray:2.58.0-py311-gpu", "explicit CUDA"),
+    ("FROM rayproject/ray:2.58.0-py311-cu130\nFROM rayproject/ray:2.58.0-py311-cu130", "one FROM"),
+])
+def test_dockerfile_base_check_is_real(from_line, error):
+    text = re.sub(r"(?m)^FROM .*$", lambda _: from_line, DOCKERFILE.read_text())
+    with pytest.raises(AssertionError, match=error):
+        check_base_matches_pins(text)
+
+
+def test_dockerfile_runs_as_ray_and_installs_at_the_jobs_working_dir(rayjob):
+    instructions = dockerfile()
+    users = [args for instruction, args in instructions if instruction == "USER"]
+    assert users and users[-1] == "ray", "the image runs as Ray's non-root user"
+    (workdir,) = [args for instruction, args in instructions if instruction == "WORKDIR"]
+    runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    assert workdir == runtime_env["working_dir"] == "/home/ray/frcnn-ray-bench"
+    copied = [shlex.split(args) for instruction, args in instructions if instruction == "COPY"]
+    sources = {src.rstrip("/") for argv in copied
+               for src in [a for a in argv if not a.startswith("--")][:-1]}
+    assert {"pyproject.toml", "README.md", "pipeline", "jobs"} <= sources
+    assert all((ROOT / src).exists() for src in sources), sources
+    assert any(instruction == "RUN" and "pip install --no-cache-dir ." in args
+               for instruction, args in instructions)
+
+
+def test_rayjob_runs_the_image_the_readme_builds(rayjob):
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    images = {containers(group)[0]["image"]
+              for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"])}
+    (image,) = images  # head and workers run the same image
+    assert repository(image) == repository(readme_image()) == "frcnn-ray-bench"
+    assert not image.startswith("rayproject/"), "the image with the project, not Ray's bare one"
