@@ -3,8 +3,10 @@ every figure can be recomputed: steps.parquet (the step log, one row per step pe
 folder of one Parquet file per epoch, written as each epoch ends; pyarrow reads the folder as
 one table), epochs.jsonl (one row per epoch per worker), workers.jsonl (one row per worker),
 attempts.jsonl (one row per start of the worker group), bad_images.jsonl (images left out) and
-step_log.json (the step log's epochs: rows, images and last step's end of each). A checkpoint
-holds the same files but the step log, whose position step_log.json records."""
+step_log.json (the step log's epochs: rows, images and last step's end of each), config.json
+(the run's configuration, written when it starts: see claim_run_dir). A checkpoint holds the same
+files but the step log, whose position step_log.json records, and config.json. Every file is
+written whole or not at all (write_atomically)."""
 
 import json
 import os
@@ -30,7 +32,9 @@ TABLES = {
 STEP_INTEGERS = ("worker", "epoch", "step", "images", "image_pixels", "batch_pixels")
 STEP_SCHEMA = pa.schema([(name, pa.bool_() if name == "skipped" else pa.int64() if name in STEP_INTEGERS else pa.float64())
                          for name in TABLES["steps"]])
-STEP_LOG, STEP_LOG_INDEX = "steps.parquet", "step_log.json"
+STEP_LOG, STEP_LOG_INDEX, RUN_CONFIG = "steps.parquet", "step_log.json", "config.json"
+# What a resumed run may change: where the cluster and the results directory are, how many restarts.
+RESUME_MAY_CHANGE = ("output_dir", "ray_address", "max_failures")
 SMALL_TABLES = tuple(name for name in TABLES if name != "steps")
 
 ROW_COLUMNS = ("config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "map", "mem")
@@ -141,8 +145,8 @@ def write_tables(folder: str | Path, records: dict) -> None:
     for name in SMALL_TABLES:
         columns = TABLES[name]
         rows = [dict(zip(columns, values)) for values in zip(*(records[name][column] for column in columns))]
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (folder / STEP_LOG_INDEX).write_text(json.dumps({str(e): entry for e, entry in records["step_log"].items()}) + "\n")
+        write_atomically(folder / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    write_atomically(folder / STEP_LOG_INDEX, json.dumps({str(e): entry for e, entry in records["step_log"].items()}) + "\n")
 
 
 def load_tables(folder: str | Path) -> dict:
@@ -163,5 +167,50 @@ def load_records(run_dir: str | Path) -> dict:
 
 
 def write_result(run_dir: Path, result: dict) -> None:
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    (run_dir / "row.md").write_text(markdown_table([flagperf_row(result)]))
+    write_atomically(run_dir / "row.md", markdown_table([flagperf_row(result)]))
+    write_atomically(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all: written to a temporary name beside it (".NAME.partial",
+    which `report` and the step log's readers skip), then renamed over it, so that a process killed
+    meanwhile leaves the previous file or none, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+class RunDirError(FileExistsError):
+    """A run directory that holds another run's results."""
+
+
+def claim_run_dir(run_dir: Path, config: dict) -> None:
+    """Makes `run_dir` this run's, refusing to mix its files with another run's. A new directory (or
+    an empty one) gets config.json, this run's configuration. One that has config.json is a resume
+    when the configuration is the same but for RESUME_MAY_CHANGE; another configuration is refused
+    once the directory holds results (result.json, a step log or a checkpoint), and replaced while
+    it holds none (a run stopped before training, say by too few GPUs). A directory with other files
+    but no config.json is refused."""
+    config = json.loads(json.dumps(config))
+    saved_file = run_dir / RUN_CONFIG
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text())
+        changed = [key for key in sorted(set(saved) | set(config))
+                   if key not in RESUME_MAY_CHANGE and saved.get(key) != config.get(key)]
+        if not changed:
+            return
+        if has_results(run_dir):
+            shown = "; ".join(f"{key}: {saved.get(key)!r} there, {config.get(key)!r} here" for key in changed[:3])
+            raise RunDirError(f"{run_dir}: holds the results of run {run_dir.name!r} with another configuration "
+                              f"({shown}); resume it with its own settings, or give this run another --run-name "
+                              "or --output-dir")
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise RunDirError(f"{run_dir}: exists and holds files but no {RUN_CONFIG}, so not a run of this version; "
+                          "give this run another --run-name or --output-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(saved_file, json.dumps(config, indent=2) + "\n")
+
+
+def has_results(run_dir: Path) -> bool:
+    return ((run_dir / "result.json").exists() or bool(step_log_epochs(run_dir))
+            or any(run_dir.glob("checkpoint_*")))

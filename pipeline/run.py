@@ -112,6 +112,7 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
                                  f"{needed} needed for {world} workers")
     # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
     steps_per_epoch = math.ceil(train_manifest.num_rows // world / config.batch_size)
+    results.claim_run_dir(run_dir, {**to_dict(config), "run_name": run_name})
     connection = connect(config, verbose)
     if progress is not None:
         print(f"Ray: {connection}; results: {run_dir}", file=progress, flush=True)
