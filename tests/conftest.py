@@ -35,8 +35,10 @@ def free_port() -> int:
 class RayHead:
     """`ray start --head --block` in its own process group; stop() signals that group only."""
 
-    def __init__(self, num_cpus: int, log_dir: Path):
+    def __init__(self, num_cpus: int, log_dir: Path, **env: str):
+        """`env`: more environment for the head's processes (RAY_AUTH_MODE=token, its token)."""
         self.port, self.dashboard_port = free_port(), free_port()
+        self.env = venv_env(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{self.dashboard_port}", **env)
         self.address = f"127.0.0.1:{self.port}"
         self.log = open(log_dir / "ray-head.log", "w")
         self.process = subprocess.Popen(
@@ -45,11 +47,10 @@ class RayHead:
              "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
              "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
              "--num-cpus", str(num_cpus), "--disable-usage-stats"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             # Ray Train's placement-group cleaner asks the state API whether its controller lives;
             # without an address that API picks the cluster started last on this machine, and
             # removes the run's placement group when the actor is not found there.
-            env=venv_env(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{self.dashboard_port}"))
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 90) -> None:
@@ -57,7 +58,7 @@ class RayHead:
         while time.time() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.process.returncode}; see {self.log.name}")
-            probe = subprocess.run([RAY, "status", "--address", self.address], capture_output=True)
+            probe = subprocess.run([RAY, "status", "--address", self.address], capture_output=True, env=self.env)
             if probe.returncode == 0:
                 return
             time.sleep(1)

@@ -140,8 +140,8 @@ def test_launcher_two_local_nodes(launcher):
 
 
 def test_launcher_installs_the_project_on_each_node(launcher):
-    (remote_dir,) = launcher["file_mounts"]
-    assert remote_dir == "~/frcnn-ray-bench"
+    remote_dir, token = launcher["file_mounts"]
+    assert remote_dir == "~/frcnn-ray-bench" and launcher["file_mounts"][remote_dir] == "."
     assert any("pip install -e" in c and remote_dir in c for c in launcher["setup_commands"])
     # setup_commands run on the head and on the worker.
     prepared = prepare_config(copy.deepcopy(launcher))
@@ -158,12 +158,22 @@ def test_launcher_start_commands(launcher, key):
     assert "--num-gpus=8" in start
     assert ".venv/bin/ray start" in start  # the venv's ray, installed by setup_commands
     assert any("ray stop" in c for c in commands[:commands.index(start)])
+    assert re.search(r"export RAY_AUTH_MODE=token\b[^;]*;", start)  # token authentication on every node
     if key == "head_start_ray_commands":
         for flag in ("--head", "--port=6379", "--dashboard-host=0.0.0.0",
                      "--autoscaling-config=~/ray_bootstrap_config.yaml"):
             assert flag in start
     else:
         assert "--address=$RAY_HEAD_IP:6379" in start
+
+
+def test_launcher_token_is_the_users_own_and_reaches_both_nodes(launcher):
+    """The token is generated outside the repository, copied to where Ray reads it on each node,
+    and made readable by its owner only."""
+    assert launcher["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "chmod 600 ~/.ray/auth_token" in launcher["setup_commands"]
+    assert "ray get-auth-token --generate" in LAUNCHER.read_text()
+    assert not list(ROOT.glob("**/auth_token"))
 
 
 def test_launcher_documents_submit_command():
@@ -224,6 +234,13 @@ def test_rayjob_cluster_spec(rayjob):
     # KubeRay's rayStartParams is map[string]string: a bare number would be refused.
     for group in (head, workers):
         assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+
+
+def test_rayjob_token_authentication_from_a_secret(rayjob):
+    """KubeRay's authOptions (RayClusterSpec: mode, secretName; the Secret's key is auth_token),
+    with the Secret's creation documented in the manifest."""
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token", "secretName": "frcnn-ray-token"}
+    assert "kubectl create secret generic frcnn-ray-token --from-literal=auth_token=" in RAYJOB.read_text()
 
 
 def test_rayjob_shared_volume_in_head_and_workers(rayjob):
