@@ -156,8 +156,8 @@ def annotation_problem(annotation: dict, image_ids: set, category_ids: set) -> s
 def structural_problem(doc: dict) -> str | None:
     """The first structural problem of a COCO instances document (the rules: the module
     docstring), or None."""
-    for kind in REQUIRED_KEYS:
-        ids = set()
+    ids_of = {kind: set() for kind in REQUIRED_KEYS}
+    for kind, ids in ids_of.items():
         for index, entry in enumerate(doc[kind]):
             problem = entry_problem(kind, index, entry)
             if problem:
@@ -169,9 +169,8 @@ def structural_problem(doc: dict) -> str | None:
         problem = image_problem(image)
         if problem:
             return f"image {image['id']} {problem}"
-    image_ids, category_ids = {image["id"] for image in doc["images"]}, {c["id"] for c in doc["categories"]}
     for annotation in doc["annotations"]:
-        problem = annotation_problem(annotation, image_ids, category_ids)
+        problem = annotation_problem(annotation, ids_of["images"], ids_of["categories"])
         if problem:
             return f"annotation {annotation['id']} {problem}"
     return None

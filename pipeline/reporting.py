@@ -34,8 +34,11 @@ def empty_records() -> dict:
     return {name: {column: [] for column in columns} for name, columns in TABLES.items()}
 
 
-def _keep(table: dict, rows: list[int]) -> dict:
-    return {name: [values[i] for i in rows] for name, values in table.items()}
+def _split(table: dict, taken) -> tuple[dict, dict]:
+    """(the rows whose epoch satisfies `taken`, the others), each as columns."""
+    rows = [taken(epoch) for epoch in table["epoch"]]
+    return tuple({name: [v for v, keep in zip(values, rows) if keep == side] for name, values in table.items()}
+                 for side in (True, False))
 
 
 @ray.remote(num_cpus=0)
@@ -67,9 +70,9 @@ class ReportingActor:
     def add_steps(self, rows: list[tuple]) -> None:
         steps = self.tables["steps"]
         for row in rows:
-            for name, value in zip(STEP_COLUMNS, row):
-                steps[name].append(value)
             step = dict(zip(STEP_COLUMNS, row))
+            for name, value in step.items():
+                steps[name].append(value)
             self.latest[step["worker"]] = (step["epoch"], step["step"], step["loss"])
             self.recent.append((step["end"], step["images"]))
             self.started = min(self.started or step["start"], step["start"])
@@ -79,6 +82,7 @@ class ReportingActor:
         """Recent steps are kept for RECENT_S seconds, whether or not a display asks for them."""
         while self.recent and self.recent[0][0] < moment:
             self.recent.popleft()
+
     def evaluating(self, worker: int, epoch: int, images: int) -> None:
         self.evaluated[worker] = (epoch, images)
 
@@ -124,19 +128,15 @@ class ReportingActor:
     def write_steps(self, epoch: int) -> dict:
         """The epoch's step rows (every worker's, all with the actor) to the run's step log, and
         out of memory; returns the tables a checkpoint keeps, with the step log's index."""
-        steps = self.tables["steps"]
-        mine = [i for i, e in enumerate(steps["epoch"]) if e == epoch]
-        self.step_log[epoch] = results.write_step_file(self.run_dir, epoch, _keep(steps, mine))
-        self.tables["steps"] = _keep(steps, [i for i, e in enumerate(steps["epoch"]) if e != epoch])
+        written, self.tables["steps"] = _split(self.tables["steps"], lambda e: e == epoch)
+        self.step_log[epoch] = results.write_step_file(self.run_dir, epoch, written)
         return self.records()
 
     def _drop_lost_steps(self, start_epoch: int) -> tuple[int, int]:
         """Step rows of epochs from start_epoch on, in memory or in the step log, dropped:
         (steps, images)."""
-        steps = self.tables["steps"]
-        lost = [i for i, epoch in enumerate(steps["epoch"]) if epoch >= start_epoch]
-        count, images = len(lost), sum(steps["images"][i] for i in lost)
-        self.tables["steps"] = _keep(steps, [i for i, epoch in enumerate(steps["epoch"]) if epoch < start_epoch])
+        lost, self.tables["steps"] = _split(self.tables["steps"], lambda e: e >= start_epoch)
+        count, images = len(lost["epoch"]), sum(lost["images"])
         for epoch in results.step_log_epochs(self.run_dir):
             if epoch >= start_epoch:
                 path = results.step_file(self.run_dir, epoch)
@@ -166,8 +166,7 @@ class ReportingActor:
             self.step_log = dict(saved["step_log"])
             self._check_step_log()
         else:
-            epochs = self.tables["epochs"]
-            self.tables["epochs"] = _keep(epochs, [i for i, e in enumerate(epochs["epoch"]) if e < start_epoch])
+            _, self.tables["epochs"] = _split(self.tables["epochs"], lambda e: e >= start_epoch)
             self.step_log = {}
         self._reset_live(start_epoch)
         now = time.time()

@@ -30,8 +30,8 @@ TABLES = {
     "bad_images": ("split", "image_id", "path", "reason"),
 }
 STEP_INTEGERS = ("worker", "epoch", "step", "images", "image_pixels", "batch_pixels")
-STEP_SCHEMA = pa.schema([(name, pa.bool_() if name == "skipped" else pa.int64() if name in STEP_INTEGERS else pa.float64())
-                         for name in TABLES["steps"]])
+STEP_SCHEMA = pa.schema([(name, pa.bool_() if name == "skipped" else pa.int64() if name in STEP_INTEGERS
+                          else pa.float64()) for name in TABLES["steps"]])
 STEP_LOG, STEP_LOG_INDEX, RUN_CONFIG = "steps.parquet", "step_log.json", "config.json"
 # What a resumed run may change: where the cluster and the results directory are, how many restarts.
 RESUME_MAY_CHANGE = ("output_dir", "ray_address", "max_failures")
@@ -112,13 +112,11 @@ def step_log_epochs(run_dir: str | Path) -> list[int]:
 
 
 def write_step_file(run_dir: str | Path, epoch: int, columns: dict) -> dict:
-    """One epoch's step rows into the run's step log, written whole or not at all (a temporary
-    file, which readers of the folder skip, renamed into place); returns the epoch's index entry."""
+    """One epoch's step rows into the run's step log, written whole or not at all; returns the
+    epoch's index entry."""
     path = step_file(run_dir, epoch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    pq.write_table(pa.table(columns, schema=STEP_SCHEMA), partial)
-    os.replace(partial, path)
+    write_atomically(path, pa.table(columns, schema=STEP_SCHEMA))
     return {"rows": len(columns["epoch"]), "images": int(sum(columns["images"])),
             "last_end": max(columns["end"], default=None)}
 
@@ -146,7 +144,8 @@ def write_tables(folder: str | Path, records: dict) -> None:
         columns = TABLES[name]
         rows = [dict(zip(columns, values)) for values in zip(*(records[name][column] for column in columns))]
         write_atomically(folder / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    write_atomically(folder / STEP_LOG_INDEX, json.dumps({str(e): entry for e, entry in records["step_log"].items()}) + "\n")
+    index = {str(epoch): entry for epoch, entry in records["step_log"].items()}
+    write_atomically(folder / STEP_LOG_INDEX, json.dumps(index) + "\n")
 
 
 def load_tables(folder: str | Path) -> dict:
@@ -171,12 +170,15 @@ def write_result(run_dir: Path, result: dict) -> None:
     write_atomically(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """`text` into `path` whole or not at all: written to a temporary name beside it (".NAME.partial",
-    which `report` and the step log's readers skip), then renamed over it, so that a process killed
-    meanwhile leaves the previous file or none, never half of one."""
+def write_atomically(path: Path, content: str | pa.Table) -> None:
+    """Text, or a table as Parquet, into `path` whole or not at all: written to a temporary name
+    beside it (".NAME.partial", which `report` and the step log's readers skip), then renamed over
+    it, so that a process killed meanwhile leaves the previous file or none, never half of one."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
+    if isinstance(content, str):
+        partial.write_text(content)
+    else:
+        pq.write_table(content, partial)
     os.replace(partial, path)
 
 

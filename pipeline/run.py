@@ -187,7 +187,6 @@ def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> 
                      "torchvision": torchvision.__version__, "ray": ray.__version__},
         "config": to_dict(config),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
     results.write_tables(run_dir, records)
     result["plots"] = [str(path) for path in plots.write_run_plots(run_dir, steps, epochs)]
     result["e2e_time"] = metrics.e2e_time(facts["process_start"], time.time())
