@@ -10,6 +10,7 @@ from pathlib import Path
 import ray
 import torch
 import torchvision
+from ray._private import ray_constants
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
@@ -80,8 +81,24 @@ def connect(config: Config, verbose: bool) -> str:
     # A fresh local Ray. Each Train worker holds one logical CPU; leave at least two for Ray
     # Data's decoding, or the stream waits forever for a CPU on a small machine.
     num_cpus = max(os.cpu_count() or 1, config.num_workers + 2)
-    ray.init(address="local", num_cpus=num_cpus, **options)
-    return f"started a local instance with {num_cpus} CPUs"
+    with loopback_only():
+        ray.init(address="local", num_cpus=num_cpus, **options)
+    return f"started a local instance with {num_cpus} CPUs, listening on 127.0.0.1 only"
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Ray binds its servers (GCS, raylet, workers, agents) to the node's IP, which on Linux is the
+    machine's routable address even when given 127.0.0.1, so a debugging instance would take jobs
+    and tasks from the network. Its single-machine mode (the default on macOS and Windows, switched
+    by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, which Ray reads once at import) makes the node 127.0.0.1;
+    the processes it starts are told that address and bind to it."""
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def config_label(workers: dict) -> str:

@@ -66,19 +66,49 @@ class RayHead:
         raise RuntimeError(f"Ray head at {self.address} not ready in {timeout} s; see {self.log.name}")
 
     def stop(self) -> None:
-        """SIGTERM to every process of the head's session (its own, from start_new_session); what
-        is left after 2 s gets SIGKILL (Ray's graceful drain can take 30 s, and a test cluster has
-        nothing to drain). Returns when none is left."""
-        for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 30)):
-            deadline = time.time() + wait
-            for pid in session_pids(self.process.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            while session_pids(self.process.pid) and time.time() < deadline:
-                self.process.poll()  # reaps the session leader, which otherwise stays a zombie
-                time.sleep(0.2)
-        self.process.wait()
+        stop_session(self.process)
         self.log.close()
+
+
+def stop_session(process: subprocess.Popen) -> None:
+    """SIGTERM to every process of `process`'s session (its own, from start_new_session); what is
+    left after 2 s gets SIGKILL (Ray's graceful drain can take 30 s, and a test cluster has nothing
+    to drain). Returns when none is left."""
+    for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 30)):
+        deadline = time.time() + wait
+        for pid in session_pids(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        while session_pids(process.pid) and time.time() < deadline:
+            process.poll()  # reaps the session leader, which otherwise stays a zombie
+            time.sleep(0.2)
+    process.wait()
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_sockets(pids: list[int]) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP socket listening in one of `pids`: the sockets in
+    state 0A (LISTEN) of /proc/net/tcp and tcp6, matched to the processes' descriptors by inode."""
+    listening = {}
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":
+                address, port = fields[1].split(":")
+                # The kernel prints the address as 32-bit words in host (little-endian) order.
+                raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8))
+                listening[fields[9]] = (socket.inet_ntop(family, raw), int(port, 16))
+    found = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in listening:
+                    found.add((name, *listening[target[8:-1]]))
+    return found
 
 
 def session_pids(session: int) -> list[int]:

@@ -1,10 +1,12 @@
 """Token authentication for real: a head started with RAY_AUTH_MODE=token, as both cluster
 configurations start theirs. Without the token neither `ray job submit` nor the dashboard's HTTP
-job API lets anyone in; with it the smoke job runs and writes its result."""
+job API lets anyone in; with it the smoke job runs and writes its result. And the Ray that `run`
+starts for debugging takes connections from this machine only."""
 
 import json
 import secrets
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RayHead, venv_env
+from conftest import LOOPBACK, RayHead, listening_sockets, session_pids, stop_session, venv_env
 from test_jobs import readme_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +84,28 @@ def test_a_job_without_the_token_is_refused_and_with_it_runs(token_head, tmp_pat
     (run_dir,) = tmp_path.glob("smoke-*")
     assert json.loads((run_dir / "result.json").read_text())["images_trained"] > 0
     print(f"refused:\n{refused.stderr[-600:]}\nwrong token:\n{wrong.stderr[-600:]}\naccepted:\n{done.stdout[-400:]}")
+
+
+def test_the_local_ray_that_run_starts_listens_on_127_0_0_1_only():
+    script = ("import sys, ray\n"
+              "from pipeline.config import resolve\n"
+              "from pipeline.run import connect\n"
+              "print(connect(resolve('smoke'), verbose=False), flush=True)\n"
+              "sys.stdin.read()\n"
+              "ray.shutdown()\n")
+    env = {name: value for name, value in venv_env().items() if name != "RAY_ADDRESS"}
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, text=True, start_new_session=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        said = process.stdout.readline()
+        assert "started a local instance" in said and "listening on 127.0.0.1 only" in said, said
+        sockets = listening_sockets(session_pids(process.pid))
+        # The probe sees Ray's servers (else an empty set would pass), and none listens beyond loopback.
+        assert {"gcs_server", "raylet"} <= {name for name, _, _ in sockets}, sockets
+        assert {s for s in sockets if s[1] not in LOOPBACK} == set()
+        print("\n".join(f"{name:16} {address}:{port}" for name, address, port in sorted(sockets)))
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0
+    finally:
+        stop_session(process)
+
