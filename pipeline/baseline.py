@@ -2,15 +2,16 @@
 `torch.utils.data.DataLoader` with worker processes, feeding the same model under torch DDP
 (gloo on CPU, nccl on GPU), one process per worker, no Ray anywhere.
 
-It decodes, flips and times steps exactly as the Ray pipeline does (same decode function, same
-step boundaries, same synchronisation), and reports the same columns, so that pipeline.metrics
-computes its figures with the same formulas. It trains, it does not evaluate.
+It decodes and flips as the Ray pipeline does (same decode function) and trains and times its
+steps with the very same `pipeline.step.Training`, so that its step rows are the pipeline's and
+pipeline.metrics computes its figures with the same formulas. It trains, it does not evaluate.
 """
 
 import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from pipeline import images, recipe, step
+from pipeline import images, step
 from pipeline.config import Config
 from pipeline.model import build_model
+from pipeline.records import StepRow, step_columns
 
 
 class CocoDetectionDataset(Dataset):
@@ -49,49 +51,47 @@ def _collate(batch):
     return tuple(zip(*batch))
 
 
-def _worker(rank: int, world: int, port: int, config: Config, manifest: pa.Table, loader_workers: int,
-            torch_threads: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+@dataclass(frozen=True)
+class Job:
+    """What every baseline process is given."""
+    world: int
+    port: int
+    config: Config
+    manifest: pa.Table
+    loader_workers: int
+    torch_threads: int
+    out_dir: str
+
+
+def _worker(rank: int, job: Job) -> None:
+    config = job.config
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job.port))
     device = torch.device(f"cuda:{rank}") if config.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    torch.set_num_threads(torch_threads)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=job.world)
+    torch.set_num_threads(job.torch_threads)
     torch.manual_seed(config.seed)
     model = build_model(config.backbone_weights, config.min_size, config.max_size, config.box_batch_size_per_image)
-    model = DistributedDataParallel(model.to(device), device_ids=[device] if device.type == "cuda" else None)
-    padding = step.PaddingProbe(model)
-    optimizer = recipe.make_optimizer(model, config)
-    scaler = recipe.grad_scaler(config.precision, device)
-    sampler = DistributedSampler(CocoDetectionDataset(manifest), num_replicas=world, rank=rank, shuffle=True,
+    training = step.Training(DistributedDataParallel(model.to(device), device_ids=[device] if device.type == "cuda"
+                                                     else None), config, device)
+    sampler = DistributedSampler(CocoDetectionDataset(job.manifest), num_replicas=job.world, rank=rank, shuffle=True,
                                  seed=config.seed, drop_last=True)
-    loader = DataLoader(sampler.dataset, batch_size=config.batch_size, sampler=sampler, num_workers=loader_workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=loader_workers > 0)
-    steps = {name: [] for name in ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss",
-                                   "image_pixels", "batch_pixels")}
-    epochs = {"worker": [], "epoch": [], "start": [], "end": [], "train_s": [], "eval_s": []}
-    steps_per_epoch = len(loader)
+    loader = DataLoader(sampler.dataset, batch_size=config.batch_size, sampler=sampler,
+                        num_workers=job.loader_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+                        persistent_workers=job.loader_workers > 0)
+    steps, epochs = [], []
     for epoch in range(config.max_epochs):
         sampler.set_epoch(epoch)
         epoch_start = time.time()
         dist.barrier()
         start = time.perf_counter()
         batches = iter(loader)
-        for index in range(steps_per_epoch):
-            wait_start = time.perf_counter()
-            images, targets = next(batches)
-            compute_start = time.perf_counter()
-            recipe.apply_learning_rate(optimizer, config, epoch, index, steps_per_epoch)
-            loss, _, _ = step.train_step(model, optimizer, scaler, images, targets, config.precision,
-                                         config.clip_grad_norm, device)
-            end = time.perf_counter()
-            for name, value in zip(steps, (rank, epoch, index, len(images), compute_start - wait_start,
-                                           end - compute_start, loss, padding.image_pixels, padding.batch_pixels)):
-                steps[name].append(value)
+        steps += training.epoch(lambda: next(batches, None), rank, epoch, len(loader))
         dist.barrier()
-        for name, value in zip(epochs, (rank, epoch, epoch_start, time.time(), time.perf_counter() - start, 0.0)):
-            epochs[name].append(value)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"steps": steps, "epochs": epochs}))
+        epochs.append({"worker": rank, "epoch": epoch, "start": epoch_start, "end": time.time(),
+                       "train_s": time.perf_counter() - start, "eval_s": 0.0})
+    Path(job.out_dir, f"rank{rank}.json").write_text(json.dumps({"steps": steps, "epochs": epochs}))
     dist.destroy_process_group()
 
 
@@ -103,12 +103,13 @@ def _free_port() -> int:
 
 def run_baseline(config: Config, manifest: pa.Table, loader_workers: int, out_dir: Path) -> tuple[dict, dict]:
     """Train `config.max_epochs` epochs on the manifest with `config.num_workers` DDP processes
-    (torch's spawn: an error in any of them is raised here); returns the steps and epochs columns
-    of all of them (see pipeline.metrics)."""
+    (torch's spawn: an error in any of them is raised here); returns the steps and epochs tables
+    of all of them, as columns (see pipeline.records)."""
     world = max(1, config.num_workers)
-    threads = max(1, len(os.sched_getaffinity(0)) // world)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spawn(_worker, args=(world, _free_port(), config, manifest, loader_workers, threads, str(out_dir)), nprocs=world)
+    spawn(_worker, args=(Job(world, _free_port(), config, manifest, loader_workers,
+                             max(1, len(os.sched_getaffinity(0)) // world), str(out_dir)),), nprocs=world)
     parts = [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world)]
-    return ({name: [v for part in parts for v in part["steps"][name]] for name in parts[0]["steps"]},
-            {name: [v for part in parts for v in part["epochs"][name]] for name in parts[0]["epochs"]})
+    steps = [StepRow(*row) for part in parts for row in part["steps"]]
+    epochs = [row for part in parts for row in part["epochs"]]
+    return step_columns(steps), {name: [row[name] for row in epochs] for name in epochs[0]}

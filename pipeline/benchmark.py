@@ -30,8 +30,8 @@ from pipeline import data, evaluation, metrics, synthetic
 from pipeline.baseline import run_baseline
 from pipeline.config import resolve
 from pipeline.manifest import build_manifest, split_paths
-from pipeline.reporting import ReportingActor, StepLog
-from pipeline.results import load_records
+from pipeline.collector import Collector, StepSender
+from pipeline.records import StepRow, load_records
 from pipeline.run import connect, run
 
 VARIANTS = ("ray", "ray-ungrouped", "dataloader")
@@ -57,15 +57,15 @@ def decode_throughput(manifest, config) -> list[float]:
 
 
 def reporting_cost(folder: Path, steps: int = 2000) -> float:
-    """Seconds a worker spends per step on the reporting channel (StepLog.add, batched sends)."""
-    actor = ReportingActor.remote(str(folder))
-    log = StepLog(actor, worker=0)
+    """Seconds a worker spends per step on the collector's channel (StepSender.add, batched sends)."""
+    actor = Collector.remote(str(folder))
+    sender = StepSender(actor)
     start = time.perf_counter()
-    for step in range(steps):
-        log.add({"epoch": 0, "step": step, "images": 2, "data_wait_s": 0.001, "compute_s": 0.5, "loss": 1.0,
-                 "lr": 0.02, "start": time.time(), "image_pixels": 1000, "batch_pixels": 1200, "loss_scale": 1.0,
-                 "skipped": False})
-    ray.get(log.flush())
+    for index in range(steps):
+        sender.add(StepRow(worker=0, epoch=0, step=index, images=2, data_wait_s=0.001, compute_s=0.5, loss=1.0,
+                           lr=0.02, start=time.time(), end=time.time(), image_pixels=1000, batch_pixels=1200,
+                           loss_scale=1.0, skipped=False))
+    ray.get(sender.flush())
     cost = (time.perf_counter() - start) / steps
     ray.kill(actor)
     return cost

@@ -34,20 +34,20 @@ def _blocks(manifest: pa.Table) -> ray.data.Dataset:
 
 
 def train_dataset(manifest: pa.Table, seed: int, decode_batch_size: int, aspect_group_factor: int,
-                  reporter=None, max_bad_images: int = 0) -> ray.data.Dataset:
+                  collector=None, max_bad_images: int = 0) -> ray.data.Dataset:
     shuffled = _blocks(manifest).random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     if aspect_group_factor > 0:
         shuffled = shuffled.map_batches(group_by_aspect, batch_size=GROUP_WINDOW, batch_format="numpy",
                                         fn_kwargs={"factor": aspect_group_factor})
     return (shuffled
             .map_batches(decode_batch, batch_size=decode_batch_size,
-                         fn_kwargs={"split": "train", "reporter": reporter, "max_bad_images": max_bad_images})
+                         fn_kwargs={"split": "train", "collector": collector, "max_bad_images": max_bad_images})
             .map_batches(random_flip, batch_size=decode_batch_size))
 
 
-def val_dataset(manifest: pa.Table, decode_batch_size: int, reporter=None, max_bad_images: int = 0) -> ray.data.Dataset:
+def val_dataset(manifest: pa.Table, decode_batch_size: int, collector=None, max_bad_images: int = 0) -> ray.data.Dataset:
     return _blocks(manifest).map_batches(decode_batch, batch_size=decode_batch_size, fn_kwargs={
-        "split": "val", "reporter": reporter, "max_bad_images": max_bad_images})
+        "split": "val", "collector": collector, "max_bad_images": max_bad_images})
 
 
 class ShardingConfig(DataConfig):

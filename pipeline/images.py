@@ -1,12 +1,12 @@
-"""Per-image work of the Ray Data stream, run in Ray Data tasks: read and decode, flip, group by
-aspect ratio. Only numpy, Pillow and Ray here, so that a task's worker process starts in a fraction of
-a second (importing torch there would cost seconds before the first batch of a run).
+"""Per-image work of the Ray Data stream, run in Ray Data tasks (and by the baseline's DataLoader):
+read and decode, flip, group by aspect ratio. Only numpy and Pillow here, so that a task's worker
+process starts in a fraction of a second (importing torch there would cost seconds before the
+first batch of a run), and Ray only where an unusable image is recorded with the collector.
 
 Decoded images are CHW uint8 arrays of their own size; boxes are (N, 4) float32 xyxy.
 """
 
 import numpy as np
-import ray
 from PIL import Image, ImageOps
 
 
@@ -42,10 +42,10 @@ def read_image(path: str, width: int | None = None, height: int | None = None) -
     return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
 
 
-def decode_batch(batch: dict, split: str = "train", reporter=None, max_bad_images: int = 0) -> dict:
+def decode_batch(batch: dict, split: str = "train", collector=None, max_bad_images: int = 0) -> dict:
     """Read and decode a batch of manifest rows; drops the path and flattened box columns.
 
-    An unusable image raises, or, with a reporting actor, is left out and recorded there (once
+    An unusable image raises, or, with a collector, is left out and recorded there (once
     per split and file); more than `max_bad_images` in a split stops the run."""
     keep, images = [], []
     for i, (image_id, path, width, height) in enumerate(zip(batch["image_id"], batch["path"], batch["width"],
@@ -54,9 +54,11 @@ def decode_batch(batch: dict, split: str = "train", reporter=None, max_bad_image
             images.append(read_image(path, int(width), int(height)))
             keep.append(i)
         except UnusableImage as error:
-            if reporter is None:
+            if collector is None:
                 raise UnusableImage(f"{path}: {error}") from None
-            count = ray.get(reporter.add_bad_image.remote(split, int(image_id), str(path), str(error)))
+            import ray  # here, not at the top: the baseline reads images without Ray
+
+            count = ray.get(collector.add_bad_image.remote(split, int(image_id), str(path), str(error)))
             if count > max_bad_images:
                 raise TooManyBadImages(f"{count} {split} images could not be used, more than max_bad_images="
                                        f"{max_bad_images}; the latest: {path}: {error}") from None

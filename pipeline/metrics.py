@@ -1,30 +1,9 @@
 """Every figure of the result row, each formula in one place, computed from raw timings only.
 
-Inputs are columns (dict of equal-length lists or numpy arrays), as the reporting actor gathers
-them and as the run's raw logs store them, so the row can be recomputed from the logs; the
-step rows (1.5 million for 26 epochs of COCO on 16 workers) are summed with numpy:
-
-steps  (one row per training step per worker): worker, epoch, step, images, data_wait_s,
-       compute_s, loss, lr, start, end (unix times), image_pixels (of the resized images),
-       batch_pixels (of the padded tensor the model's transform made of them), loss_scale
-       (after the step's update; 1.0 without loss scaling) and skipped (the loss scaler found
-       inf/nan gradients and skipped the optimizer step).
-       data_wait_s: waiting for the next batch from Ray Data and making tensors of it.
-       compute_s: device copy + forward + backward + optimizer step, ended by a device
-       synchronisation on accelerators so that queued work is counted where it belongs.
-epochs (one row per epoch per worker): worker, epoch, start, end (unix times), train_s,
-       eval_s, eval_images (val images this worker inferred), map, ap50, ap75, energy_j.
-       start..end is the whole epoch on that worker: its barriers, training, evaluation, the
-       records sent, the checkpoint saved and reported; the next epoch starts at the same
-       instant (the same clock reading), so the epochs of a run tile its training wall time.
-       Workers pass a barrier before and after each phase, so a phase's wall time is the
-       same on all workers up to the barrier's skew; the slowest worker's figure counts.
-       train_s: the epoch's training phase. eval_s: from the end of training to the end of
-       the epoch's evaluation (inference, gathering, COCOeval, the stop decision).
-       energy_j: the device's energy over the training phase (NVML), None without a counter.
-workers (one row per worker): worker, node (Ray's node id), node_ip, node_rank (Ray
-       Train's, by IP), device, mem_peak_bytes, mem_total_bytes, mem_kind, env (the
-       configured worker_env as the worker process had it).
+Inputs are the tables of pipeline.records (where each column is defined) as columns: dicts of
+equal-length lists or numpy arrays, as the collector gathers them and as the run's records store
+them, so the row can be recomputed from the records; the step rows (1.5 million for 26 epochs of
+COCO on 16 workers) are summed with numpy.
 """
 
 from collections import defaultdict

@@ -1,6 +1,6 @@
 """Checks before training, each failing within seconds with what is missing and what exists:
-the cluster has the devices and CPUs the config asks for, and every node sees the data set
-and the run's storage."""
+the data set has enough usable images for the workers, the cluster has the devices and CPUs the
+config asks for, and every node sees the data set and the run's storage."""
 
 import os
 import uuid
@@ -16,6 +16,18 @@ CHECK_TIMEOUT_S = 120
 
 class PreflightError(RuntimeError):
     pass
+
+
+def check_data_sizes(splits: dict[str, tuple], workers: int) -> None:
+    """Every training worker needs a usable training image an epoch, and the evaluation a val
+    image. `splits`: split -> (its annotation file, its manifest, its manifest's statistics)."""
+    world = max(1, workers)
+    for split, (annotations, manifest, stats) in splits.items():
+        needed = world if split == "train" else 1
+        if manifest.num_rows < needed:
+            raise PreflightError(f"{annotations}: {manifest.num_rows} usable {split} images of {stats.images} "
+                                 f"(training images need a box that is not crowd or degenerate); {needed} needed "
+                                 f"for {world} workers")
 
 
 def _describe(nodes: list[dict]) -> str:

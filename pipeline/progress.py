@@ -1,6 +1,6 @@
 """What the driver shows while a run goes, and what it keeps quiet.
 
-Progress: a driver thread asks the reporting actor for a snapshot every second and shows the
+Progress: a driver thread asks the collector for a snapshot every second and shows the
 epoch and step (of the slowest worker), images/s now (all workers, steps ended in the last
 10 s), the latest loss (mean of the workers' latest steps), the ETA and, between training
 phases, how many val images have been inferred. On a terminal it is one line with a bar,
@@ -52,7 +52,7 @@ def duration(seconds: float) -> str:
 
 def describe(snapshot: dict, steps_per_epoch: int, max_epochs: int, val_images: int) -> tuple[tuple, str, float]:
     """(the phase: (epoch, "train" | "eval" | "start"), the line, the fraction done) of a snapshot
-    from ReportingActor.progress()."""
+    from Collector.snapshot()."""
     latest, evaluated = snapshot["latest"], snapshot["evaluated"]
     total = steps_per_epoch * max_epochs
     if not latest:
@@ -80,9 +80,9 @@ def describe(snapshot: dict, steps_per_epoch: int, max_epochs: int, val_images: 
 class Progress:
     """A driver thread that shows the run's progress until stopped (a context manager)."""
 
-    def __init__(self, reporter, steps_per_epoch: int, max_epochs: int, val_images: int, stream=None,
+    def __init__(self, collector, steps_per_epoch: int, max_epochs: int, val_images: int, stream=None,
                  interval: float = 30.0, poll: float = 1.0):
-        self.reporter, self.steps_per_epoch, self.max_epochs = reporter, steps_per_epoch, max_epochs
+        self.collector, self.steps_per_epoch, self.max_epochs = collector, steps_per_epoch, max_epochs
         self.val_images, self.interval, self.poll = val_images, interval, poll
         self.stream = stream or sys.stdout
         self.terminal = self.stream.isatty()
@@ -101,7 +101,7 @@ class Progress:
     def _loop(self) -> None:
         while True:
             try:
-                self.show(ray.get(self.reporter.progress.remote(), timeout=10))
+                self.show(ray.get(self.collector.snapshot.remote(), timeout=10))
             except (ray.exceptions.RayError, TimeoutError):
                 pass  # the display waits; the run's own error handling reports failures
             if self.stopping.wait(self.poll):

@@ -1,41 +1,18 @@
-"""A run's results directory: result.json, the FlagPerf row (row.md) and the raw logs from which
-every figure can be recomputed: steps.parquet (the step log, one row per step per worker: a
-folder of one Parquet file per epoch, written as each epoch ends; pyarrow reads the folder as
-one table), epochs.jsonl (one row per epoch per worker), workers.jsonl (one row per worker),
-attempts.jsonl (one row per start of the worker group), bad_images.jsonl (images left out) and
-step_log.json (the step log's epochs: rows, images and last step's end of each), config.json
-(the run's configuration, written when it starts: see claim_run_dir). A checkpoint holds the same
-files but the step log, whose position step_log.json records, and config.json. Every file is
-written whole or not at all (write_atomically)."""
+"""A run's results directory, RUN_DIR = <output_dir>/<run_name>: config.json (the run's
+configuration, written when it starts: see claim_run_dir), result.json, the FlagPerf row (row.md),
+the plots, and the records from which every figure can be recomputed (pipeline.records:
+steps.parquet/, step_log.json, epochs.jsonl, workers.jsonl, attempts.jsonl, bad_images.jsonl).
+A checkpoint holds the same records but the step log, whose position step_log.json records.
+Every file is written whole or not at all (records.write_atomically)."""
 
 import json
-import os
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+from pipeline.records import step_log_epochs, write_atomically
 
-TABLES = {
-    "steps": ("worker", "epoch", "step", "images", "data_wait_s", "compute_s", "loss", "lr", "start", "end",
-              "image_pixels", "batch_pixels", "loss_scale", "skipped"),
-    "epochs": ("worker", "epoch", "start", "end", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75",
-               "energy_j"),
-    "workers": ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind",
-                "env"),
-    # One row per start of the worker group. time_lost_s: from the end of the last step kept (or
-    # the previous attempt's start) to this start; lost_*: work of the failed attempt not kept.
-    "attempts": ("attempt", "start_epoch", "started", "resumed", "lost_steps", "lost_images", "time_lost_s"),
-    # Images left out because they could not be used, once per split and file.
-    "bad_images": ("split", "image_id", "path", "reason"),
-}
-STEP_INTEGERS = ("worker", "epoch", "step", "images", "image_pixels", "batch_pixels")
-STEP_SCHEMA = pa.schema([(name, pa.bool_() if name == "skipped" else pa.int64() if name in STEP_INTEGERS
-                          else pa.float64()) for name in TABLES["steps"]])
-STEP_LOG, STEP_LOG_INDEX, RUN_CONFIG = "steps.parquet", "step_log.json", "config.json"
+RUN_CONFIG = "config.json"
 # What a resumed run may change: where the cluster and the results directory are, how many restarts.
 RESUME_MAY_CHANGE = ("output_dir", "ray_address", "max_failures")
-SMALL_TABLES = tuple(name for name in TABLES if name != "steps")
 
 ROW_COLUMNS = ("config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "map", "mem")
 
@@ -102,84 +79,9 @@ def summary(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def step_file(run_dir: str | Path, epoch: int) -> Path:
-    return Path(run_dir) / STEP_LOG / f"epoch-{epoch:04d}.parquet"
-
-
-def step_log_epochs(run_dir: str | Path) -> list[int]:
-    """The epochs whose step file is in the run's step log."""
-    return sorted(int(path.stem.split("-")[1]) for path in (Path(run_dir) / STEP_LOG).glob("epoch-*.parquet"))
-
-
-def write_step_file(run_dir: str | Path, epoch: int, columns: dict) -> dict:
-    """One epoch's step rows into the run's step log, written whole or not at all; returns the
-    epoch's index entry."""
-    path = step_file(run_dir, epoch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, pa.table(columns, schema=STEP_SCHEMA))
-    return {"rows": len(columns["epoch"]), "images": int(sum(columns["images"])),
-            "last_end": max(columns["end"], default=None)}
-
-
-def step_file_rows(path: Path) -> int | None:
-    """The rows of a step file, from its footer; None if there is no such file."""
-    return pq.ParquetFile(path).metadata.num_rows if path.is_file() else None
-
-
-def read_steps(paths: list[Path], columns: tuple = TABLES["steps"]) -> dict[str, np.ndarray]:
-    """Step files as numpy columns (about 60 MB for 1.5 million rows of every column)."""
-    table = pq.read_table(paths, schema=STEP_SCHEMA, columns=list(columns)) if paths else STEP_SCHEMA.empty_table()
-    return {name: table.column(name).to_numpy() for name in columns}
-
-
-def load_steps(run_dir: str | Path) -> dict[str, np.ndarray]:
-    """The run's step log."""
-    return read_steps([step_file(run_dir, epoch) for epoch in step_log_epochs(run_dir)])
-
-
-def write_tables(folder: str | Path, records: dict) -> None:
-    """Every table but the step log, and the step log's index (records["step_log"])."""
-    folder = Path(folder)
-    for name in SMALL_TABLES:
-        columns = TABLES[name]
-        rows = [dict(zip(columns, values)) for values in zip(*(records[name][column] for column in columns))]
-        write_atomically(folder / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    index = {str(epoch): entry for epoch, entry in records["step_log"].items()}
-    write_atomically(folder / STEP_LOG_INDEX, json.dumps(index) + "\n")
-
-
-def load_tables(folder: str | Path) -> dict:
-    """What write_tables wrote, as columns (the form pipeline.metrics takes)."""
-    folder = Path(folder)
-    records = {}
-    for name in SMALL_TABLES:
-        rows = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
-        records[name] = {column: [row[column] for row in rows] for column in TABLES[name]}
-    index = json.loads((folder / STEP_LOG_INDEX).read_text())
-    records["step_log"] = {int(epoch): entry for epoch, entry in index.items()}
-    return records
-
-
-def load_records(run_dir: str | Path) -> dict:
-    """A results directory's raw logs: the tables and the step log."""
-    return {**load_tables(run_dir), "steps": load_steps(run_dir)}
-
-
 def write_result(run_dir: Path, result: dict) -> None:
     write_atomically(run_dir / "row.md", markdown_table([flagperf_row(result)]))
     write_atomically(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
-
-
-def write_atomically(path: Path, content: str | pa.Table) -> None:
-    """Text, or a table as Parquet, into `path` whole or not at all: written to a temporary name
-    beside it (".NAME.partial", which `report` and the step log's readers skip), then renamed over
-    it, so that a process killed meanwhile leaves the previous file or none, never half of one."""
-    partial = path.with_name(f".{path.name}.partial")
-    if isinstance(content, str):
-        partial.write_text(content)
-    else:
-        pq.write_table(content, partial)
-    os.replace(partial, path)
 
 
 class RunDirError(FileExistsError):

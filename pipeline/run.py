@@ -5,6 +5,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -18,10 +19,11 @@ from pipeline import data, metrics, plots, results, synthetic
 from pipeline.config import Config, to_dict
 from pipeline.manifest import build_manifest, split_paths
 from pipeline.model import checked_weights_file, local_weights_file
-from pipeline.preflight import PreflightError, check_nodes_see, check_resources
+from pipeline.preflight import check_data_sizes, check_nodes_see, check_resources
 from pipeline.progress import Progress, quiet_ray_data, quiet_ray_init_options
-from pipeline.reporting import ReportingActor
-from pipeline.train_loop import train_loop_per_worker
+from pipeline.collector import Collector
+from pipeline.train_loop import LoopConfig, train_loop_per_worker
+from pipeline.records import load_steps, write_tables
 
 
 class TrainingFailed(RuntimeError):
@@ -60,13 +62,32 @@ def process_start_time() -> float:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def prepare_data(config: Config) -> Path:
+@dataclass(frozen=True)
+class Plan:
+    """A run prepared: where its results go and what it trains and evaluates on."""
+    config: Config
+    run_dir: Path
+    root: Path  # the data set
+    weights: list[Path]  # local backbone weights every node must see (none when downloaded)
+    manifests: dict[str, tuple]  # split -> (manifest, its statistics)
+    steps_per_epoch: int
+
+
+def prepare(config: Config) -> Plan:
+    """The run's name and directory, its weights checked, the data set (generated if synthetic)
+    and its manifests."""
+    run_name = config.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    weights = [checked_weights_file(config.backbone_weights)] if local_weights_file(config.backbone_weights) else []
     root = Path(config.data_root)
     if config.synthetic_train_images:
         synthetic.generate(root, synthetic.SyntheticSpec(
             train_images=config.synthetic_train_images, val_images=config.synthetic_val_images,
             image_size=config.synthetic_image_size, seed=config.seed))
-    return root
+    manifests = {split: build_manifest(*split_paths(root, split), drop_empty=split == "train")
+                 for split in ("train", "val")}
+    # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
+    steps_per_epoch = math.ceil(manifests["train"][0].num_rows // max(1, config.num_workers) / config.batch_size)
+    return Plan(config, Path(config.output_dir).resolve() / run_name, root, weights, manifests, steps_per_epoch)
 
 
 def connect(config: Config, verbose: bool) -> str:
@@ -114,65 +135,63 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     Unless `verbose`, Ray's own output stays in its logs; with a `progress` stream (stdout) the
     run's progress is shown on it (see pipeline.progress)."""
     process_start = process_start_time()
-    run_name = config.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(config.output_dir).resolve() / run_name
-    weights = [checked_weights_file(config.backbone_weights)] if local_weights_file(config.backbone_weights) else []
-    root = prepare_data(config)
-    train_manifest, train_stats = build_manifest(*split_paths(root, "train"), drop_empty=True)
-    val_manifest, val_stats = build_manifest(*split_paths(root, "val"), drop_empty=False)
-    world = max(1, config.num_workers)
-    for split, manifest, stats, needed in (("train", train_manifest, train_stats, world),
-                                          ("val", val_manifest, val_stats, 1)):
-        if manifest.num_rows < needed:
-            raise PreflightError(f"{split_paths(root, split)[0]}: {manifest.num_rows} usable {split} images of "
-                                 f"{stats.images} (training images need a box that is not crowd or degenerate); "
-                                 f"{needed} needed for {world} workers")
-    # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
-    steps_per_epoch = math.ceil(train_manifest.num_rows // world / config.batch_size)
-    results.claim_run_dir(run_dir, {**to_dict(config), "run_name": run_name})
+    plan = prepare(config)
+    check_data_sizes({split: (split_paths(plan.root, split)[0], *plan.manifests[split]) for split in plan.manifests},
+                     config.num_workers)
+    results.claim_run_dir(plan.run_dir, {**to_dict(config), "run_name": plan.run_dir.name})
     connection = connect(config, verbose)
     if progress is not None:
-        print(f"Ray: {connection}; results: {run_dir}", file=progress, flush=True)
+        print(f"Ray: {connection}; results: {plan.run_dir}", file=progress, flush=True)
     quiet_ray_data(verbose)
     check_resources(config)
-    annotations, images = zip(*(split_paths(root, split) for split in ("train", "val")))
-    check_nodes_see([p.resolve() for p in (*annotations, *images, *weights)], run_dir.parent)
-    reporter = ReportingActor.remote(str(run_dir))
+    annotations, images = zip(*(split_paths(plan.root, split) for split in ("train", "val")))
+    check_nodes_see([p.resolve() for p in (*annotations, *images, *plan.weights)], plan.run_dir.parent)
+    collector = Collector.remote(str(plan.run_dir))
+    fitted = train(plan, collector, progress)
+    if progress is not None and fitted.checkpoint is not None:
+        print(f"last checkpoint: {fitted.checkpoint.path}", file=progress, flush=True)
+    records = ray.get(collector.records.remote())
+    ray.kill(collector)
+    data_facts = {"root": str(plan.root.resolve()),
+                  **{split: stats.__dict__ for split, (_, stats) in plan.manifests.items()}}
+    return write_results(config, plan.run_dir, records, {"process_start": process_start,
+                                                         "steps_per_epoch": plan.steps_per_epoch, "data": data_facts})
+
+
+def train(plan: Plan, collector, progress) -> ray.train.Result:
+    """The TorchTrainer over the Ray Data streams, fitted; its result (the last checkpoint)."""
+    config, val_manifest = plan.config, plan.manifests["val"][0]
+    loop = LoopConfig(config, collector, plan.steps_per_epoch, str(split_paths(plan.root, "val")[0].resolve()))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "reporter": reporter, "steps_per_epoch": steps_per_epoch,
-                           "val_annotations": str(split_paths(root, "val")[0].resolve())},
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      placement_strategy=config.placement_strategy),
-        run_config=RunConfig(name=run_name, storage_path=str(run_dir.parent),
+        run_config=RunConfig(name=plan.run_dir.name, storage_path=str(plan.run_dir.parent),
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": config.worker_env}),
-        datasets={"train": data.train_dataset(train_manifest, config.seed, config.decode_batch_size,
-                                              config.aspect_group_factor, reporter, config.max_bad_images),
-                  "val": data.val_dataset(val_manifest, config.decode_batch_size, reporter, config.max_bad_images)},
+        datasets={"train": data.train_dataset(plan.manifests["train"][0], config.seed, config.decode_batch_size,
+                                              config.aspect_group_factor, collector, config.max_bad_images),
+                  "val": data.val_dataset(val_manifest, config.decode_batch_size, collector, config.max_bad_images)},
         dataset_config=data.ShardingConfig(),
     )
     try:
         with (contextlib.nullcontext() if progress is None else
-              Progress(reporter, steps_per_epoch, config.max_epochs, val_manifest.num_rows, progress)):
-            trainer.fit()
+              Progress(collector, plan.steps_per_epoch, config.max_epochs, val_manifest.num_rows, progress)):
+            fitted = trainer.fit()
     except TrainingFailedError as error:
         raise TrainingFailed(failure_summary(error)) from error
-    if fatal := ray.get(reporter.fatal_error.remote()):  # ended early: the restarts did not train
+    if fatal := ray.get(collector.fatal_error.remote()):  # ended early: the restarts did not train
         raise TrainingFailed(fatal)
-    records = ray.get(reporter.records.remote())
-    ray.kill(reporter)
-    data_facts = {"root": str(root.resolve()), "train": train_stats.__dict__, "val": val_stats.__dict__}
-    return write_results(config, run_dir, records, {"process_start": process_start, "steps_per_epoch": steps_per_epoch,
-                                                    "data": data_facts})
+    return fitted
 
 
 def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> dict:
     """The figures from the step log and the tables, result.json, row.md, the tables and the
     plots into the run directory; returns result.json's content. `facts`: process_start,
     steps_per_epoch and data, as result.json shows them."""
-    steps = results.load_steps(run_dir)
+    steps = load_steps(run_dir)
     figures = metrics.figures(steps, records["epochs"], records["workers"], config.target_map)
     epochs = records["epochs"]
     rank0 = [i for i, worker in enumerate(epochs["worker"]) if worker == 0]
@@ -189,7 +208,7 @@ def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> 
         "process_start": facts["process_start"],
         "init_time": metrics.init_time(steps, facts["process_start"]),
         "steps_per_epoch": facts["steps_per_epoch"],
-        # Work lost to failures is not in the figures above (see pipeline/reporting.py).
+        # Work lost to failures is not in the figures above (see pipeline/collector.py).
         "attempts": len(records["attempts"]["attempt"]),
         "time_lost_s": sum(records["attempts"]["time_lost_s"]),
         "lost_images": sum(records["attempts"]["lost_images"]),
@@ -204,7 +223,7 @@ def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> 
                      "torchvision": torchvision.__version__, "ray": ray.__version__},
         "config": to_dict(config),
     }
-    results.write_tables(run_dir, records)
+    write_tables(run_dir, records)
     result["plots"] = [str(path) for path in plots.write_run_plots(run_dir, steps, epochs)]
     result["e2e_time"] = metrics.e2e_time(facts["process_start"], time.time())
     results.write_result(run_dir, result)

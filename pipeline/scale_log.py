@@ -2,8 +2,8 @@
 
 COCO 2017 train for 26 epochs on 2x8 devices is 16 workers x 3,665 steps x 26 epochs, about
 1.5 million step rows. Synthetic rows of that count go through the real channel: 16 Ray actors
-stand in for the training workers, each with the real worker-side `StepLog`; the real
-`ReportingActor`; at each epoch's end the real per-epoch bookkeeping of rank 0 (the step log's
+stand in for the training workers, each with the real worker-side `StepSender`; the real
+`Collector`; at each epoch's end the real per-epoch bookkeeping of rank 0 (the step log's
 flush and the checkpoint's records); in the middle of epoch 13 a failure and a resume from the
 epoch-12 checkpoint (half an epoch lost, counted); at the end the figures, the result files and
 `frcnn-bench report`. Measured: the actor's peak memory (VmHWM), each epoch's bookkeeping time
@@ -23,20 +23,21 @@ from pathlib import Path
 import pyarrow
 import ray
 
-from pipeline import checkpoint, report, results
+from pipeline import checkpoint, report
 from pipeline.config import resolve
-from pipeline.reporting import ReportingActor, StepLog
+from pipeline.collector import Collector, StepSender
 from pipeline.run import write_results
+from pipeline.records import StepRow, load_tables
 
 WORKERS, STEPS, EPOCHS = 16, 3665, 26
 
 
 @ray.remote(num_cpus=0)
 class Worker:
-    """A training worker's reporting, without training: one step row per step through StepLog."""
+    """A training worker's reporting, without training: one step row per step through StepSender."""
 
-    def __init__(self, reporter, rank: int):
-        self.log = StepLog(reporter, rank)
+    def __init__(self, collector, rank: int):
+        self.sender, self.rank = StepSender(collector), rank
         self.random = random.Random(rank)  # values that vary as measured ones do, so they compress alike
 
     def train(self, epoch: int, steps: int) -> None:
@@ -44,12 +45,12 @@ class Worker:
         for index in range(steps):
             compute, wait = 0.2 + 0.1 * draw(), 0.01 * draw()
             pixels = 2 * int(800 * (1000 + 333 * draw()))
-            self.log.add({"epoch": epoch, "step": index, "images": 2, "data_wait_s": wait, "compute_s": compute,
-                          "loss": (1 + draw()) / (1 + epoch), "lr": 0.02 * min(1.0, (index + 1) / 500),
-                          "start": time.time() - compute - wait, "image_pixels": pixels,
-                          "batch_pixels": pixels + 2 * int(32 * 800 * draw()), "loss_scale": 65536.0,
-                          "skipped": draw() < 1e-4})
-        ray.get(self.log.flush())
+            self.sender.add(StepRow(
+                worker=self.rank, epoch=epoch, step=index, images=2, data_wait_s=wait, compute_s=compute,
+                loss=(1 + draw()) / (1 + epoch), lr=0.02 * min(1.0, (index + 1) / 500),
+                start=time.time() - compute - wait, end=time.time(), image_pixels=pixels,
+                batch_pixels=pixels + 2 * int(32 * 800 * draw()), loss_scale=65536.0, skipped=draw() < 1e-4))
+        ray.get(self.sender.flush())
 
 
 def memory_bytes(actor, field: str) -> int:
@@ -71,25 +72,25 @@ def epoch_row(rank: int, epoch: int, start: float) -> dict:
             "energy_j": None}
 
 
-def bookkeeping(reporter, epoch: int, checkpoint_dir: Path) -> tuple[float, int]:
+def bookkeeping(collector, epoch: int, checkpoint_dir: Path) -> tuple[float, int]:
     """Rank 0's work at an epoch's end, before Ray Train copies the checkpoint: (seconds, bytes)."""
     start = time.perf_counter()
     folder = checkpoint_dir / f"epoch-{epoch}"
     folder.mkdir()
-    checkpoint.save_records(folder, reporter, epoch)
+    checkpoint.save_records(folder, collector, epoch)
     return time.perf_counter() - start, folder_bytes(folder)
 
 
-def run_epochs(reporter, workers: list, epochs: range, steps: int, checkpoint_dir: Path, timings: list) -> None:
+def run_epochs(collector, workers: list, epochs: range, steps: int, checkpoint_dir: Path, timings: list) -> None:
     for epoch in epochs:
         start = time.time()
         ray.get([worker.train.remote(epoch, steps) for worker in workers])
-        ray.get([reporter.add_epoch.remote(epoch_row(rank, epoch, start)) for rank in range(len(workers))])
-        seconds, size = bookkeeping(reporter, epoch, checkpoint_dir)
+        ray.get([collector.add_epoch.remote(epoch_row(rank, epoch, start)) for rank in range(len(workers))])
+        seconds, size = bookkeeping(collector, epoch, checkpoint_dir)
         timings.append({"epoch": epoch, "bookkeeping_s": seconds, "checkpoint_bytes": size,
-                        "actor_rss_bytes": memory_bytes(reporter, "VmRSS")})
+                        "actor_rss_bytes": memory_bytes(collector, "VmRSS")})
         end = time.time()
-        ray.get([reporter.end_epoch.remote(rank, epoch, end) for rank in range(len(workers))])
+        ray.get([collector.end_epoch.remote(rank, epoch, end) for rank in range(len(workers))])
         print(f"epoch {epoch}: bookkeeping {seconds:.2f} s, checkpoint records {size / 1e6:.1f} MB, actor "
               f"{timings[-1]['actor_rss_bytes'] / 1e6:.0f} MB", flush=True)
 
@@ -97,22 +98,22 @@ def run_epochs(reporter, workers: list, epochs: range, steps: int, checkpoint_di
 def measure(workers: int, steps: int, epochs: int, fail_epoch: int, out: Path) -> dict:
     run_dir, checkpoints = out / "run", out / "checkpoints"
     checkpoints.mkdir(parents=True)
-    reporter = ReportingActor.remote(str(run_dir))
-    team = [Worker.remote(reporter, rank) for rank in range(workers)]
+    collector = Collector.remote(str(run_dir))
+    team = [Worker.remote(collector, rank) for rank in range(workers)]
     timings = []
-    ray.get(reporter.begin_attempt.remote(0, None))
-    run_epochs(reporter, team, range(fail_epoch), steps, checkpoints, timings)
+    ray.get(collector.begin_attempt.remote(0, None))
+    run_epochs(collector, team, range(fail_epoch), steps, checkpoints, timings)
     ray.get([worker.train.remote(fail_epoch, steps // 2) for worker in team])  # then the workers fail
-    saved = results.load_tables(checkpoints / f"epoch-{fail_epoch - 1}")
-    ray.get(reporter.begin_attempt.remote(fail_epoch, saved))
-    run_epochs(reporter, team, range(fail_epoch, epochs), steps, checkpoints, timings)
-    ray.get([reporter.add_worker.remote({"worker": rank, "node": "node", "node_ip": "127.0.0.1", "node_rank": 0,
+    saved = load_tables(checkpoints / f"epoch-{fail_epoch - 1}")
+    ray.get(collector.begin_attempt.remote(fail_epoch, saved))
+    run_epochs(collector, team, range(fail_epoch, epochs), steps, checkpoints, timings)
+    ray.get([collector.add_worker.remote({"worker": rank, "node": "node", "node_ip": "127.0.0.1", "node_rank": 0,
                                          "device": "none", "mem_peak_bytes": 1, "mem_total_bytes": 2,
                                          "mem_kind": "cpu rss", "env": {}}) for rank in range(workers)])
-    actor_peak = memory_bytes(reporter, "VmHWM")
+    actor_peak = memory_bytes(collector, "VmHWM")
 
     start = time.perf_counter()
-    records = ray.get(reporter.records.remote())
+    records = ray.get(collector.records.remote())
     write_results(resolve("2x8-amp"), run_dir, records, {"process_start": time.time(), "steps_per_epoch": steps,
                                                          "data": {}})
     finishing = time.perf_counter() - start

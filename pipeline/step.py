@@ -1,6 +1,8 @@
-"""One timed training step, the same on every device: the Ray worker and the plain baseline both
-call `train_step`, and the tests run it on the CPU with the fp16 autocast and the enabled loss
-scaler that `amp` uses on a GPU.
+"""One timed training step, the same on every device and in both trainers: a `Training` (the model,
+its optimizer and loss scaler, the padding probe) makes one `StepRow` per step, for the Ray worker
+(pipeline.train_loop) and the plain baseline (pipeline.baseline) alike; nothing here needs Ray.
+The tests run it on the CPU with the fp16 autocast and the enabled loss scaler that `amp` uses on
+a GPU.
 
 Three pieces only do something on CUDA; each is one small function below, and `frcnn-bench
 acceptance` (pipeline/acceptance.py) is what runs them for real on a GPU machine: `pin`
@@ -9,10 +11,16 @@ for the device's queued work, so that the time measured around a step holds all 
 `barrier` (NCCL's barrier needs the device it runs on).
 """
 
+import itertools
+import time
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.distributed as dist
 
 from pipeline import recipe
+from pipeline.config import Config
+from pipeline.records import StepRow
 
 
 def pin(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -65,27 +73,55 @@ def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.dev
     return images, targets
 
 
-def train_step(model, optimizer, scaler: torch.amp.GradScaler, images, targets, precision: str, clip_grad_norm: float,
-               device: torch.device) -> tuple[float, float, bool]:
-    """One step's compute: device copy, forward under the precision's autocast, backward of the
-    scaled loss, gradients unscaled before clipping (so that the clip sees their true norm), the
-    optimizer step (which the scaler skips when a gradient is inf or nan), the scale's update,
-    and a device synchronisation so that the time measured around the call holds all of its
-    work. The caller sets the lr. Returns (loss, the loss scale after the update, whether the
-    optimizer step was skipped); without loss scaling the scale is 1.0 and nothing is skipped."""
-    scale = scaler.get_scale()  # before any work is queued: reading it waits for none
-    images, targets = to_device(images, targets, device)
-    with recipe.autocast(precision, device):
-        loss = sum(model(images, targets).values())
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip_grad_norm:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    # The scale halves exactly when the step found inf/nan gradients and skipped the update.
-    new_scale = scaler.get_scale()
-    loss_value = loss.item()
-    synchronize(device)
-    return loss_value, new_scale, new_scale < scale
+class Training:
+    """One worker's training: the model (DDP-wrapped or not), SGD and the loss scaler of the
+    precision (pipeline.recipe), and the probe of the padded batches. `epoch` trains one epoch."""
+
+    def __init__(self, model: torch.nn.Module, config: Config, device: torch.device):
+        self.model, self.config, self.device = model, config, device
+        self.optimizer = recipe.make_optimizer(model, config)
+        self.scaler = recipe.grad_scaler(config.precision, device)
+        self.padding = PaddingProbe(model)
+
+    def epoch(self, next_batch: Callable, worker: int, epoch: int, steps_per_epoch: int) -> Iterator[StepRow]:
+        """Steps until `next_batch()` (which gives (images, targets) on the CPU) gives None: each
+        waits for its batch, sets the scheduled lr and trains on it; yields each step's row."""
+        for index in itertools.count():
+            start, wait_start = time.time(), time.perf_counter()
+            batch = next_batch()
+            if batch is None:
+                return
+            images, targets = batch
+            compute_start = time.perf_counter()
+            lr = recipe.apply_learning_rate(self.optimizer, self.config, epoch, index, steps_per_epoch)
+            loss, loss_scale, skipped = self.train_step(images, targets)
+            end = time.perf_counter()
+            yield StepRow(worker=worker, epoch=epoch, step=index, images=len(images),
+                          data_wait_s=compute_start - wait_start, compute_s=end - compute_start, loss=loss, lr=lr,
+                          start=start, end=time.time(), image_pixels=self.padding.image_pixels,
+                          batch_pixels=self.padding.batch_pixels, loss_scale=loss_scale, skipped=skipped)
+
+    def train_step(self, images: list[torch.Tensor], targets: list[dict]) -> tuple[float, float, bool]:
+        """One step's compute: device copy, forward under the precision's autocast, backward of the
+        scaled loss, gradients unscaled before clipping (so that the clip sees their true norm), the
+        optimizer step (which the scaler skips when a gradient is inf or nan), the scale's update,
+        and a device synchronisation so that the time measured around the call holds all of its
+        work. The caller sets the lr. Returns (loss, the loss scale after the update, whether the
+        optimizer step was skipped); without loss scaling the scale is 1.0 and nothing is skipped."""
+        scaler, optimizer = self.scaler, self.optimizer
+        scale = scaler.get_scale()  # before any work is queued: reading it waits for none
+        images, targets = to_device(images, targets, self.device)
+        with recipe.autocast(self.config.precision, self.device):
+            loss = sum(self.model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.config.clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        # The scale halves exactly when the step found inf/nan gradients and skipped the update.
+        new_scale = scaler.get_scale()
+        loss_value = loss.item()
+        synchronize(self.device)
+        return loss_value, new_scale, new_scale < scale

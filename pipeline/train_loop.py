@@ -3,7 +3,7 @@
 Each epoch has two phases, each between barriers: training on this worker's equal share of the
 shuffled training stream, then evaluation of this worker's share of the val stream (every val
 image goes to exactly one worker), gathered on rank 0 for COCOeval. Timings go to the
-reporting actor (see pipeline.metrics for what each one measures).
+collector (see pipeline.metrics for what each one measures).
 """
 
 import contextlib
@@ -15,6 +15,7 @@ import resource
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
@@ -22,11 +23,20 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, evaluation, recipe, step
+from pipeline import checkpoint, evaluation, step
+from pipeline.collector import StepSender
 from pipeline.config import Config
 from pipeline.energy import energy_meter
 from pipeline.model import build_model
-from pipeline.reporting import StepLog
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the driver gives every worker (Ray Train's train_loop_config holds it as "loop")."""
+    config: Config
+    collector: ray.actor.ActorHandle  # the run's pipeline.collector.Collector
+    steps_per_epoch: int
+    val_annotations: str  # rank 0 loads the ground truth from it
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,8 +62,8 @@ class Prefetched:
 
     _END = object()
 
-    def __init__(self, shard, config: Config):
-        self.queue = queue.Queue(maxsize=1)
+    def __init__(self, shard, config: Config, device: torch.device):
+        self.queue, self.device = queue.Queue(maxsize=1), device
         batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                      prefetch_batches=config.prefetch_batches)
         threading.Thread(target=self._pull, args=(batches,), daemon=True).start()
@@ -66,48 +76,35 @@ class Prefetched:
         except BaseException as error:  # handed to the training thread, which raises it
             self.queue.put(error)
 
-    def next(self):
-        """The next batch, None at the end of the epoch."""
+    def next(self) -> tuple[list, list] | None:
+        """The next batch's (images, targets), None at the end of the epoch."""
         item = self.queue.get()
         if isinstance(item, BaseException):
             raise item
-        return None if item is self._END else item
+        return None if item is self._END else to_tensors(item, self.device)[1:]
 
 
-def train_one_epoch(model, optimizer, scaler, batches: Prefetched, config: Config, epoch: int, steps_per_epoch: int,
-                    device: torch.device, log: StepLog, padding: step.PaddingProbe) -> None:
-    model.train()
-    index = 0
-    while True:
-        start, wait_start = time.time(), time.perf_counter()
-        batch = batches.next()
-        if batch is None:
-            break
-        _, images, targets = to_tensors(batch, device)
-        compute_start = time.perf_counter()
-        lr = recipe.apply_learning_rate(optimizer, config, epoch, index, steps_per_epoch)
-        loss, loss_scale, skipped = step.train_step(model, optimizer, scaler, images, targets, config.precision,
-                                                    config.clip_grad_norm, device)
-        end = time.perf_counter()
-        if not math.isfinite(loss):
-            reason = f"loss is {loss} at epoch {epoch} step {index} on worker {log.worker}"
-            ray.get(log.actor.stop.remote(f"worker {log.worker}: NonFiniteLoss: {reason}"))
+def train_one_epoch(training: step.Training, batches: Prefetched, sender: StepSender, worker: int, epoch: int,
+                    steps_per_epoch: int) -> None:
+    training.model.train()
+    steps = 0
+    for row in training.epoch(batches.next, worker, epoch, steps_per_epoch):
+        if not math.isfinite(row.loss):
+            reason = f"loss is {row.loss} at epoch {epoch} step {row.step} on worker {worker}"
+            ray.get(sender.collector.stop.remote(f"worker {worker}: NonFiniteLoss: {reason}"))
             raise NonFiniteLoss(reason)
-        log.add({"epoch": epoch, "step": index, "images": len(images), "data_wait_s": compute_start - wait_start,
-                 "compute_s": end - compute_start, "loss": loss, "lr": lr, "start": start,
-                 "image_pixels": padding.image_pixels, "batch_pixels": padding.batch_pixels,
-                 "loss_scale": loss_scale, "skipped": skipped})
-        index += 1
-    if index == 0:
-        raise RuntimeError(f"worker {log.worker} got no training batch in epoch {epoch}")
+        sender.add(row)
+        steps += 1
+    if steps == 0:
+        raise RuntimeError(f"worker {worker} got no training batch in epoch {epoch}")
 
 
 @torch.no_grad()
-def infer_shard(model, shard, config: Config, device: torch.device, reporter, rank: int,
+def infer_shard(model, shard, config: Config, device: torch.device, collector, rank: int,
                 epoch: int) -> tuple[list[int], list[dict]]:
     """This worker's share of the val stream -> (image ids seen, COCO detections). In fp32 whatever
     the training precision, as torchvision's reference evaluates: bf16 box coordinates would be
-    off by pixels. How far it got goes to the reporting actor every 2 s, for the progress display."""
+    off by pixels. How far it got goes to the collector every 2 s, for the progress display."""
     model.eval()
     seen, detections = [], []
     told = time.time()
@@ -119,33 +116,33 @@ def infer_shard(model, shard, config: Config, device: torch.device, reporter, ra
         seen += image_ids
         detections += evaluation.coco_detections(image_ids, outputs)
         if time.time() - told >= 2.0:
-            reporter.evaluating.remote(rank, epoch, len(seen))
+            collector.evaluating.remote(rank, epoch, len(seen))
             told = time.time()
-    reporter.evaluating.remote(rank, epoch, len(seen))
+    collector.evaluating.remote(rank, epoch, len(seen))
     model.train()
     return seen, detections
 
 
-def evaluate(model, shard, config: Config, device: torch.device, ground_truth, reporter,
+def evaluate(model, shard, config: Config, device: torch.device, ground_truth, collector,
              epoch: int) -> tuple[dict, int]:
     """Infer this worker's share, gather on rank 0, COCOeval there over every val image but those
-    that could not be decoded (recorded with the reporting actor), share the result with all.
+    that could not be decoded (recorded with the collector), share the result with all.
     Returns the scores and the number of images this worker inferred. The gather and the
     broadcast run over gloo in the tests (CPU workers) and over NCCL only on GPU workers: the
     acceptance run's 1x2 run (machines with 2+ GPUs) covers that."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    seen, detections = infer_shard(step.unwrap(model), shard, config, device, reporter, rank, epoch)
+    seen, detections = infer_shard(step.unwrap(model), shard, config, device, collector, rank, epoch)
     inferred = len(seen)
     seen, detections = evaluation.gather_on_rank0(seen, detections)
     result = [None]
     if ground_truth is not None:
-        unusable = ray.get(reporter.bad_images.remote("val"))
+        unusable = ray.get(collector.bad_images.remote("val"))
         evaluation.check_exactly_once(ground_truth, seen, list(unusable))
         try:
             evaluation.check_enough_evaluated(len(ground_truth.getImgIds()), len(seen), list(unusable.values()))
         except evaluation.TooFewEvaluated as error:
             # The same images would fail again after a restart: end the run, not the attempt.
-            ray.get(reporter.stop.remote(f"worker 0: TooFewEvaluated: {error}"))
+            ray.get(collector.stop.remote(f"worker 0: TooFewEvaluated: {error}"))
             raise
         result = [evaluation.coco_map(ground_truth, detections, config.coco_evaluator, image_ids=seen)]
     if dist.is_initialized():
@@ -175,64 +172,82 @@ def memory_record(device: torch.device) -> dict:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    config: Config = loop_config["config"]
-    reporter, steps_per_epoch = loop_config["reporter"], loop_config["steps_per_epoch"]
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    # Logical CPUs are a scheduling budget, not threads: share this node's cores between its
-    # workers so that compute and Ray Data's decoding do not oversubscribe them.
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, context.get_local_world_size())))
-    torch.manual_seed(config.seed)
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    train_batches = Prefetched(train_shard, config)  # fills while the model is built
-    device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(build_model(config.backbone_weights, config.min_size, config.max_size,
-                                                         config.box_batch_size_per_image))
-    optimizer = recipe.make_optimizer(model, config)
-    scaler = recipe.grad_scaler(config.precision, device)
-    ground_truth = (evaluation.load_ground_truth(loop_config["val_annotations"], config.coco_evaluator)
-                    if rank == 0 else None)
-    log = StepLog(reporter, rank)
-    padding = step.PaddingProbe(model)
-    start_epoch, converged, saved = checkpoint.restore(step.unwrap(model), optimizer, scaler)
-    if ray.get(reporter.fatal_error.remote()):
+    worker = Worker(loop_config["loop"])
+    if not worker.begin():
         return  # retrying a non-finite loss from the same checkpoint would diverge again
-    if rank == 0:
-        ray.get(reporter.begin_attempt.remote(start_epoch, saved))
-
-    energy = energy_meter(device)
-    epoch_start = time.time()
-    for epoch in range(start_epoch, config.max_epochs):
-        if converged:
+    for epoch in range(worker.start_epoch, worker.config.max_epochs):
+        if worker.converged:
             break
+        worker.run_epoch(epoch)
+    worker.finish()
+
+
+class Worker:
+    """One training worker of the run: its streams, model, collector channel and epoch clock."""
+
+    def __init__(self, loop: LoopConfig):
+        self.loop, self.config, self.collector = loop, loop.config, loop.collector
+        self.context = ray.train.get_context()
+        self.rank = self.context.get_world_rank()
+        # Logical CPUs are a scheduling budget, not threads: share this node's cores between its
+        # workers so that compute and Ray Data's decoding do not oversubscribe them.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, self.context.get_local_world_size())))
+        torch.manual_seed(self.config.seed)
+        self.device = ray.train.torch.get_device()
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val")
+        self.train_batches = Prefetched(self.train_shard, self.config, self.device)  # fills while the model is built
+        model = ray.train.torch.prepare_model(build_model(self.config.backbone_weights, self.config.min_size,
+                                                          self.config.max_size, self.config.box_batch_size_per_image))
+        self.training = step.Training(model, self.config, self.device)
+        self.ground_truth = (evaluation.load_ground_truth(loop.val_annotations, self.config.coco_evaluator)
+                             if self.rank == 0 else None)
+        self.sender = StepSender(self.collector)
+        self.energy = energy_meter(self.device)
+
+    def begin(self) -> bool:
+        """Resumes from the run's latest checkpoint, if any; False if the run has already failed
+        for good (a non-finite loss)."""
+        self.start_epoch, self.converged, saved = checkpoint.restore(self.training)
+        if ray.get(self.collector.fatal_error.remote()):
+            return False
+        if self.rank == 0:
+            ray.get(self.collector.begin_attempt.remote(self.start_epoch, saved))
+        self.epoch_start = time.time()
+        return True
+
+    def run_epoch(self, epoch: int) -> None:
+        """Training, then evaluation, each between barriers; the epoch's row; the checkpoint."""
+        device, training = self.device, self.training
         step.barrier(device)
-        start, joules = time.perf_counter(), energy and energy()
-        train_one_epoch(model, optimizer, scaler, train_batches, config, epoch, steps_per_epoch, device, log, padding)
+        start, joules = time.perf_counter(), self.energy and self.energy()
+        train_one_epoch(training, self.train_batches, self.sender, self.rank, epoch, self.loop.steps_per_epoch)
         step.synchronize(device)
         step.barrier(device)
-        train_end, joules = time.perf_counter(), energy and energy() - joules
-        if epoch + 1 < config.max_epochs:
-            train_batches = Prefetched(train_shard, config)  # the next epoch fills during evaluation
-        scores, inferred = evaluate(model, val_shard, config, device, ground_truth, reporter, epoch)
+        train_end, joules = time.perf_counter(), self.energy and self.energy() - joules
+        if epoch + 1 < self.config.max_epochs:
+            self.train_batches = Prefetched(self.train_shard, self.config, device)  # fills during evaluation
+        scores, inferred = evaluate(training.model, self.val_shard, self.config, device, self.ground_truth,
+                                    self.collector, epoch)
         step.barrier(device)
         end = time.perf_counter()
-        epoch_row = {"worker": rank, "epoch": epoch, "start": epoch_start, "end": time.time(),
+        epoch_row = {"worker": self.rank, "epoch": epoch, "start": self.epoch_start, "end": time.time(),
                      "train_s": train_end - start, "eval_s": end - train_end, "eval_images": inferred,
                      "energy_j": joules, **scores}
-        ray.get([log.flush(), reporter.add_epoch.remote(epoch_row)])
+        ray.get([self.sender.flush(), self.collector.add_epoch.remote(epoch_row)])
         step.barrier(device)  # every worker's rows are with the actor before rank 0 saves them
-        converged = scores["map"] >= config.target_map
-        checkpoint.report_epoch(scores, epoch, converged, config.seed, rank, step.unwrap(model), optimizer, scaler,
-                                reporter)
+        self.converged = scores["map"] >= self.config.target_map
+        checkpoint.save_epoch(training, scores, epoch, self.converged, self.rank, self.collector)
         # The epoch ends once its checkpoint is saved; the next one starts at the same instant,
         # so that the epochs tile the training wall time (see pipeline.metrics.whole_time).
-        epoch_start = time.time()
-        reporter.end_epoch.remote(rank, epoch, epoch_start)
+        self.epoch_start = time.time()
+        self.collector.end_epoch.remote(self.rank, epoch, self.epoch_start)
 
-    ray.get(reporter.add_worker.remote({
-        "worker": rank, "node": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-        "node_rank": context.get_node_rank(), **memory_record(device),
-        # The configured environment as this process actually had it.
-        "env": {name: os.environ.get(name) for name in config.worker_env}}))
+    def finish(self) -> None:
+        """The worker's row: where it ran, its device and peak memory, its environment."""
+        ray.get(self.collector.add_worker.remote({
+            "worker": self.rank, "node": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "node_rank": self.context.get_node_rank(),
+            **memory_record(self.device),
+            # The configured environment as this process actually had it.
+            "env": {name: os.environ.get(name) for name in self.config.worker_env}}))

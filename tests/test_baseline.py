@@ -1,5 +1,8 @@
 """The plain DataLoader + DDP baseline, for real: two gloo processes, DataLoader worker processes."""
 
+import subprocess
+import sys
+
 import numpy as np
 
 from pipeline import metrics
@@ -33,3 +36,13 @@ def test_two_ddp_processes_train_and_report_the_same_columns(tiny_coco, tmp_path
     assert sorted(epochs["worker"]) == [0, 1] and epochs["eval_s"] == [0.0, 0.0]
     assert metrics.p_core(steps) >= metrics.p_train(steps, epochs) > 0
     assert 0 <= metrics.padding_share(steps) < 1
+
+
+def test_the_baseline_and_the_step_import_no_ray_and_the_records_no_torch():
+    script = ("import sys\n"
+              "import pipeline.records\n"
+              "assert not {'ray', 'torch'} & set(sys.modules), 'records'\n"
+              "import pipeline.baseline, pipeline.step\n"
+              "assert 'ray' not in sys.modules, 'baseline'\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

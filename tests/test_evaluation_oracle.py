@@ -15,7 +15,7 @@ from pipeline import data, evaluation, synthetic
 from pipeline.config import resolve
 from pipeline.images import flip_boxes
 from pipeline.manifest import build_manifest, split_paths
-from pipeline.reporting import ReportingActor
+from pipeline.collector import Collector
 from pipeline.train_loop import evaluate
 
 CPU = torch.device("cpu")
@@ -79,9 +79,9 @@ def test_oracle_detections_score_one_and_mistakes_score_lower(val_stream, mistak
     root, stream, truth = val_stream
     config = resolve(batch_size=2, num_workers=1, coco_evaluator="faster-coco-eval")
     ground_truth = evaluation.load_ground_truth(str(split_paths(root, "val")[0]), config.coco_evaluator)
-    reporter = ReportingActor.remote(str(tmp_path))
-    scores, inferred = evaluate(Oracle(truth, MISTAKES[mistake]), stream, config, CPU, ground_truth, reporter, 0)
-    ray.kill(reporter)
+    collector = Collector.remote(str(tmp_path))
+    scores, inferred = evaluate(Oracle(truth, MISTAKES[mistake]), stream, config, CPU, ground_truth, collector, 0)
+    ray.kill(collector)
     assert inferred == 24
     if mistake == "right":
         assert scores == {"map": pytest.approx(1.0), "ap50": pytest.approx(1.0), "ap75": pytest.approx(1.0)}

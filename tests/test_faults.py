@@ -15,7 +15,8 @@ from ray.util.state import list_actors
 
 from conftest import session_pids, venv_env
 from figures_from_logs import assert_figures_match
-from pipeline import results, synthetic
+from pipeline import synthetic
+from pipeline.records import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,7 @@ def finish(driver: subprocess.Popen, log: Path, timeout: float = 240) -> None:
 
 def check_honest_figures(run_dir: Path, epochs: int) -> dict:
     saved = json.loads((run_dir / "result.json").read_text())
-    records = results.load_records(run_dir)
+    records = load_records(run_dir)
     assert saved["epochs"] == epochs
     assert sorted(set(records["steps"]["epoch"])) == list(range(epochs))
     # Each epoch counted once: 12 steps of 1 image per worker and epoch, whatever was redone.
@@ -95,7 +96,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_head, twelve_step
     finally:
         finish(driver, tmp_path / "killed-driver.log")
     saved = check_honest_figures(run_dir, epochs=3)
-    attempts = results.load_records(run_dir)["attempts"]
+    attempts = load_records(run_dir)["attempts"]
     assert saved["attempts"] == 2 and attempts["attempt"] == [0, 1]
     assert attempts["resumed"] == [False, True] and attempts["start_epoch"][1] in (1, 2)
     assert attempts["time_lost_s"][1] > 0 and saved["time_lost_s"] == attempts["time_lost_s"][1]
@@ -113,7 +114,7 @@ def test_a_run_resumes_by_its_name_after_the_driver_is_stopped(ray_head, twelve_
     second = start_driver(ray_head, twelve_steps, tmp_path, "resumed")
     finish(second, tmp_path / "resumed-driver.log")
     check_honest_figures(run_dir, epochs=3)
-    attempts = results.load_records(run_dir)["attempts"]
+    attempts = load_records(run_dir)["attempts"]
     assert attempts["attempt"] == [0, 1] and attempts["resumed"] == [False, True]
     assert attempts["start_epoch"][0] == 0 and attempts["start_epoch"][1] >= 1
 

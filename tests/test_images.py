@@ -56,7 +56,7 @@ def test_decode_batch_reads_real_jpegs(tiny_coco):
     assert out["image_id"].tolist() == [1, 2]
 
 
-def test_decode_batch_without_a_reporter_names_the_unusable_file(tmp_path):
+def test_decode_batch_without_a_collector_names_the_unusable_file(tmp_path):
     batch = {"image_id": np.array([1]), "path": np.array([str(tmp_path / "gone.jpg")], dtype=object),
              "width": np.array([8]), "height": np.array([8]), "boxes": [np.zeros(0, np.float32)],
              "labels": [np.array([], np.int64)]}

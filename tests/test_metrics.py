@@ -1,6 +1,7 @@
 import pytest
 
 from pipeline import metrics, results
+from pipeline.records import load_records, write_step_file, write_tables
 
 GIB = 1024**3
 
@@ -183,14 +184,14 @@ def test_records_round_trip(tmp_path):
     index = {}
     for epoch in (0, 1):
         rows = [i for i, e in enumerate(STEPS["epoch"]) if e == epoch]
-        index[epoch] = results.write_step_file(tmp_path, epoch, {k: [v[i] for i in rows] for k, v in STEPS.items()})
+        index[epoch] = write_step_file(tmp_path, epoch, {k: [v[i] for i in rows] for k, v in STEPS.items()})
     assert index == {0: {"rows": 4, "images": 8, "last_end": 104.0}, 1: {"rows": 2, "images": 4, "last_end": 108.0}}
     tables = {"epochs": EPOCHS, "workers": WORKERS, "attempts": attempts, "bad_images": bad_images, "step_log": index}
-    results.write_tables(tmp_path, tables)
+    write_tables(tmp_path, tables)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "attempts.jsonl", "bad_images.jsonl", "epochs.jsonl", "step_log.json", "steps.parquet", "workers.jsonl"]
     assert sorted(p.name for p in (tmp_path / "steps.parquet").iterdir()) == ["epoch-0000.parquet", "epoch-0001.parquet"]
-    loaded = results.load_records(tmp_path)
+    loaded = load_records(tmp_path)
     steps = loaded.pop("steps")
     assert loaded == tables
     order = sorted(range(6), key=lambda i: (STEPS["epoch"][i], STEPS["worker"][i]))

@@ -1,4 +1,4 @@
-"""The progress display's lines from known snapshots of the reporting actor, on a real terminal
+"""The progress display's lines from known snapshots of the collector, on a real terminal
 (a pty) and on a pipe-like stream."""
 
 import io

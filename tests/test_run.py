@@ -1,11 +1,11 @@
-"""Real runs on a real Ray head (127.0.0.1): TorchTrainer workers, Ray Data, the reporting actor."""
+"""Real runs on a real Ray head (127.0.0.1): TorchTrainer workers, Ray Data, the collector."""
 
 import json
 
 from figures_from_logs import assert_figures_match
-from pipeline import results
 from pipeline.config import resolve
 from pipeline.run import run
+from pipeline.records import load_records
 
 
 def tiny_config(ray_head, data_root, output_dir, **overrides):
@@ -21,7 +21,7 @@ def val_image_count(data_root):
 
 def test_every_val_image_evaluated_exactly_once(ray_head, tiny_coco, tmp_path):
     result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=3))
-    epochs = results.load_records(result["run_dir"])["epochs"]
+    epochs = load_records(result["run_dir"])["epochs"]
     assert sorted(epochs["worker"]) == [0, 1, 2]
     # 7 val images: not a multiple of 3 (nor of 2, in the end-to-end test below).
     assert sum(epochs["eval_images"]) == val_image_count(tiny_coco) == 7
@@ -52,7 +52,7 @@ def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
 
     # Every figure recomputed from the raw logs, without pipeline.metrics, equals result.json's.
     assert_figures_match(run_dir)
-    records = results.load_records(run_dir)
+    records = load_records(run_dir)
     assert records["workers"]["env"] == [{"FRCNN_PROBE": "on"}] * 2  # reached the worker processes
     # The epochs tile each worker's wall time: the next epoch starts where the last one ended.
     for worker in (0, 1):

@@ -34,9 +34,10 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def run_step(model, scaler, batch, clip_grad_norm=0.0):
-    optimizer = recipe.make_optimizer(model, Config(lr=0.01))
-    return step.train_step(model, optimizer, scaler, *batch, "amp", clip_grad_norm, CPU)
+def run_step(model, scaler, batch, clip_grad_norm=0.0, precision="amp"):
+    training = step.Training(model, Config(lr=0.01, precision=precision, clip_grad_norm=clip_grad_norm), CPU)
+    training.scaler = scaler
+    return training.train_step(*batch)
 
 
 def test_amp_recipe_is_fp16_autocast_with_loss_scaling_on_the_cpu_too(model, batch):
@@ -80,9 +81,7 @@ def test_gradients_are_unscaled_before_clipping(model, batch):
 
 
 def test_fp32_step_has_no_scaling(model, batch):
-    scaler = recipe.grad_scaler("fp32", CPU)
-    optimizer = recipe.make_optimizer(model, Config(lr=0.01))
-    loss, scale, skipped = step.train_step(model, optimizer, scaler, *batch, "fp32", 0.0, CPU)
+    loss, scale, skipped = run_step(model, recipe.grad_scaler("fp32", CPU), batch, precision="fp32")
     assert math.isfinite(loss) and (scale, skipped) == (1.0, False)
 
 

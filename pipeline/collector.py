@@ -1,9 +1,10 @@
-"""The reporting channel: workers buffer their timings and send them in batches to one
-`ReportingActor`, owned by the driver; the driver computes the figures from them (pipeline.metrics).
+"""The collector: one actor, owned by the driver, to which every worker sends its step rows in
+batches (`StepSender`) and its epoch and worker rows; the driver computes the figures from the
+tables it gathers (pipeline.metrics) and shows its live `snapshot`.
 
 The actor's memory does not grow with the run: step rows stay with it only until their epoch
 ends, when rank 0 has it write them to the run's step log (one Parquet file per epoch, see
-pipeline.results) and the checkpoint records the log's index. It keeps the small tables (a row
+pipeline.records) and the checkpoint records the log's index. It keeps the small tables (a row
 per epoch and worker, per worker, per attempt, per unusable image) and what the live display needs.
 
 The actor outlives worker-group restarts. Each start of the worker group is an attempt; an
@@ -18,10 +19,9 @@ from pathlib import Path
 
 import ray
 
-from pipeline import results
-from pipeline.results import TABLES
+from pipeline.records import (SMALL_TABLES, TABLES, StepRow, empty_records, read_steps, split, step_file, step_file_rows,
+                              step_log_epochs, write_step_file)
 
-STEP_COLUMNS = TABLES["steps"]
 # Live progress: "images/s now" counts the steps that ended in the last RECENT_S seconds.
 RECENT_S = 10.0
 
@@ -30,19 +30,8 @@ class StepLogError(RuntimeError):
     """The run's step log does not match the checkpoint it resumes from."""
 
 
-def empty_records() -> dict:
-    return {name: {column: [] for column in columns} for name, columns in TABLES.items()}
-
-
-def _split(table: dict, taken) -> tuple[dict, dict]:
-    """(the rows whose epoch satisfies `taken`, the others), each as columns."""
-    rows = [taken(epoch) for epoch in table["epoch"]]
-    return tuple({name: [v for v, keep in zip(values, rows) if keep == side] for name, values in table.items()}
-                 for side in (True, False))
-
-
 @ray.remote(num_cpus=0)
-class ReportingActor:
+class Collector:
     def __init__(self, run_dir: str):
         self.run_dir = Path(run_dir)
         self.tables = empty_records()  # "steps": only those of epochs not yet in the step log
@@ -68,14 +57,14 @@ class ReportingActor:
             self.tables[table][name].append(row[name])
 
     def add_steps(self, rows: list[tuple]) -> None:
+        """Step rows (StepRow's fields, as plain tuples)."""
         steps = self.tables["steps"]
-        for row in rows:
-            step = dict(zip(STEP_COLUMNS, row))
-            for name, value in step.items():
+        for row in map(StepRow._make, rows):
+            for name, value in zip(StepRow._fields, row):
                 steps[name].append(value)
-            self.latest[step["worker"]] = (step["epoch"], step["step"], step["loss"])
-            self.recent.append((step["end"], step["images"]))
-            self.started = min(self.started or step["start"], step["start"])
+            self.latest[row.worker] = (row.epoch, row.step, row.loss)
+            self.recent.append((row.end, row.images))
+            self.started = min(self.started or row.start, row.start)
         self._forget_before(time.time() - RECENT_S)
 
     def _forget_before(self, moment: float) -> None:
@@ -86,7 +75,7 @@ class ReportingActor:
     def evaluating(self, worker: int, epoch: int, images: int) -> None:
         self.evaluated[worker] = (epoch, images)
 
-    def progress(self) -> dict:
+    def snapshot(self) -> dict:
         """What the driver's progress display shows; cheap however long the run (see RECENT_S)."""
         now = time.time()
         self._forget_before(now - RECENT_S)
@@ -128,27 +117,27 @@ class ReportingActor:
     def write_steps(self, epoch: int) -> dict:
         """The epoch's step rows (every worker's, all with the actor) to the run's step log, and
         out of memory; returns the tables a checkpoint keeps, with the step log's index."""
-        written, self.tables["steps"] = _split(self.tables["steps"], lambda e: e == epoch)
-        self.step_log[epoch] = results.write_step_file(self.run_dir, epoch, written)
+        written, self.tables["steps"] = split(self.tables["steps"], lambda e: e == epoch)
+        self.step_log[epoch] = write_step_file(self.run_dir, epoch, written)
         return self.records()
 
     def _drop_lost_steps(self, start_epoch: int) -> tuple[int, int]:
         """Step rows of epochs from start_epoch on, in memory or in the step log, dropped:
         (steps, images)."""
-        lost, self.tables["steps"] = _split(self.tables["steps"], lambda e: e >= start_epoch)
+        lost, self.tables["steps"] = split(self.tables["steps"], lambda e: e >= start_epoch)
         count, images = len(lost["epoch"]), sum(lost["images"])
-        for epoch in results.step_log_epochs(self.run_dir):
+        for epoch in step_log_epochs(self.run_dir):
             if epoch >= start_epoch:
-                path = results.step_file(self.run_dir, epoch)
-                written = results.read_steps([path], ("images",))["images"]
+                path = step_file(self.run_dir, epoch)
+                written = read_steps([path], ("images",))["images"]
                 count, images = count + len(written), images + int(written.sum())
                 path.unlink()
         return count, images
 
     def _check_step_log(self) -> None:
         for epoch, entry in self.step_log.items():
-            path = results.step_file(self.run_dir, epoch)
-            rows = results.step_file_rows(path)
+            path = step_file(self.run_dir, epoch)
+            rows = step_file_rows(path)
             if rows != entry["rows"]:
                 raise StepLogError(f"{path}: {'missing' if rows is None else f'{rows} rows'}, the checkpoint "
                                    f"resumed from recorded {entry['rows']}")
@@ -166,7 +155,7 @@ class ReportingActor:
             self.step_log = dict(saved["step_log"])
             self._check_step_log()
         else:
-            _, self.tables["epochs"] = _split(self.tables["epochs"], lambda e: e >= start_epoch)
+            _, self.tables["epochs"] = split(self.tables["epochs"], lambda e: e >= start_epoch)
             self.step_log = {}
         self._reset_live(start_epoch)
         now = time.time()
@@ -179,26 +168,24 @@ class ReportingActor:
 
     def records(self) -> dict:
         """Every table but the steps (those are in the step log), and the step log's index."""
-        return {**{name: self.tables[name] for name in results.SMALL_TABLES}, "step_log": self.step_log}
+        return {**{name: self.tables[name] for name in SMALL_TABLES}, "step_log": self.step_log}
 
 
-class StepLog:
-    """A worker's side of the channel: one tuple per step, sent every `flush_every` steps or
-    `flush_s` seconds, whichever comes first (the driver's progress display lags by at most that)."""
+class StepSender:
+    """A worker's side of the channel: its step rows, sent every `flush_every` steps or `flush_s`
+    seconds, whichever comes first (the driver's progress display lags by at most that)."""
 
-    def __init__(self, actor, worker: int, flush_every: int = 50, flush_s: float = 2.0):
-        self.actor, self.worker, self.flush_every, self.flush_s = actor, worker, flush_every, flush_s
+    def __init__(self, collector, flush_every: int = 50, flush_s: float = 2.0):
+        self.collector, self.flush_every, self.flush_s = collector, flush_every, flush_s
         self.rows: list[tuple] = []
         self.flushed = time.time()
 
-    def add(self, row: dict) -> None:
-        """A step's row: every column of TABLES["steps"] but worker and end, which are added here."""
-        now = time.time()
-        self.rows.append(tuple({**row, "worker": self.worker, "end": now}[name] for name in STEP_COLUMNS))
-        if len(self.rows) >= self.flush_every or now - self.flushed >= self.flush_s:
+    def add(self, row: StepRow) -> None:
+        self.rows.append(tuple(row))
+        if len(self.rows) >= self.flush_every or row.end - self.flushed >= self.flush_s:
             self.flush()
 
     def flush(self) -> ray.ObjectRef:
-        ref = self.actor.add_steps.remote(self.rows)
+        ref = self.collector.add_steps.remote(self.rows)
         self.rows, self.flushed = [], time.time()
         return ref
