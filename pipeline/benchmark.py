@@ -28,13 +28,15 @@ import torch
 
 from pipeline import data, evaluation, metrics, synthetic
 from pipeline.baseline import run_baseline
-from pipeline.config import resolve
+from pipeline.config import add_field_arguments, resolve
 from pipeline.manifest import build_manifest, split_paths
 from pipeline.collector import Collector, StepSender
 from pipeline.records import StepRow, load_records
 from pipeline.run import connect, run
 
 VARIANTS = ("ray", "ray-ungrouped", "dataloader")
+# The Config fields the command line sets (the benchmark's defaults for some: see `main`).
+CONFIG_FLAGS = ("num_workers", "batch_size", "min_size", "max_size", "precision", "use_gpu")
 
 
 def coco_like(steps: int, batch_size: int, workers: int, seed: int) -> synthetic.SyntheticSpec:
@@ -164,22 +166,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default="bench-results")
     parser.add_argument("--steps", type=int, default=20, help="training steps per worker and run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--min-size", type=int, default=384)
-    parser.add_argument("--max-size", type=int, default=640)
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--use-gpu", action="store_true")
+    add_field_arguments(parser, CONFIG_FLAGS, defaults={"num_workers": 2, "min_size": 384, "max_size": 640,
+                                                       "use_gpu": False})
     parser.add_argument("--eval-images", type=int, default=500, help="val images of the COCOeval timing")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2: the wait after the first step is one of the figures")
     out = Path(args.output_dir).resolve()
-    root = synthetic.generate(out / "data", coco_like(args.steps, args.batch_size, args.workers, seed=0))
-    config = resolve(data_root=str(root), output_dir=str(out / "runs"), num_workers=args.workers,
-                     use_gpu=args.use_gpu, backbone_weights="none", min_size=args.min_size, max_size=args.max_size,
-                     batch_size=args.batch_size, precision=args.precision, lr=0.01, clip_grad_norm=10.0,
-                     max_epochs=1, target_map=1.0)
+    config = resolve(output_dir=str(out / "runs"), backbone_weights="none", lr=0.01, clip_grad_norm=10.0, max_epochs=1,
+                     target_map=1.0, **{name: getattr(args, name) for name in CONFIG_FLAGS})
+    root = synthetic.generate(out / "data", coco_like(args.steps, config.batch_size, config.num_workers, seed=0))
+    config = dataclasses.replace(config, data_root=str(root))
     manifest, _ = build_manifest(*split_paths(root, "train"), drop_empty=True)
     connect(config, verbose=False)
     decode, runs = [], {variant: [] for variant in VARIANTS}
@@ -191,12 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
                    f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024**3:.0f} GiB, "
-                   + (torch.cuda.get_device_name() if args.use_gpu else "no GPU used"),
+                   + (torch.cuda.get_device_name() if config.use_gpu else "no GPU used"),
         "command": "frcnn-bench benchmark " + " ".join(sys.argv[2:] if argv is None else argv),
-        "settings": {**vars(args), "images": manifest.num_rows},
+        "settings": {**vars(args), **{name: getattr(config, name) for name in CONFIG_FLAGS},
+                     "images": manifest.num_rows},
         "repeats": args.repeats, "runs": runs, "medians": median_table(runs),
         "init_time": first_init_time(out / "runs"),
-        "mem_kind": "cuda" if args.use_gpu else "cpu rss",
+        "mem_kind": "cuda" if config.use_gpu else "cpu rss",
         "decode_images_per_s": [statistics.median(rates[i] for rates in decode) for i in (0, 1)],
         "decode_runs": decode,
         "reporting_s_per_step": reporting_cost(out), "evaluation": evaluation_times(out / "eval-set", args.eval_images),

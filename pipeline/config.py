@@ -6,7 +6,11 @@ config is saved in every result.
 """
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
+import tokenize
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,13 +187,77 @@ def resolve(preset: str = "", **overrides) -> Config:
     return config.validate()
 
 
+def field_help() -> dict[str, str]:
+    """Each Config field's help: the comments above and after it in this file's source. A block of
+    comment lines applies to every field that follows it until a blank line or the next block; a
+    comment at the end of a field's line applies to that field only."""
+    try:
+        source = inspect.getsource(Config)
+    except OSError:  # no source files (a bytecode-only install): flags without their comments
+        return {}
+    lines = source.splitlines()
+    fields_at = {node.lineno: node.target.id for node in ast.parse(source).body[0].body
+                 if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    standalone, trailing = {}, {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            row, column = token.start
+            text = token.string.lstrip("#").strip()
+            (standalone if not lines[row - 1][:column].strip() else trailing)[row] = text
+    helps, block, previous = {}, [], "blank"
+    for row, line in enumerate(lines, start=1):
+        if row in standalone:
+            block = block + [standalone[row]] if previous == "comment" else [standalone[row]]
+            previous = "comment"
+        elif not line.strip():
+            block, previous = [], "blank"
+        elif row in fields_at:
+            helps[fields_at[row]] = " ".join(block + [trailing[row]] if row in trailing else block)
+            previous = "field"
+    return helps
+
+
+def _shown(value) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or '""'
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "{}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# Command-line formats of the fields that are not a single value.
+FORMATS = {tuple[int, ...]: ("INT,...", "comma-separated ints"),
+           dict[str, str]: ("KEY=VALUE,...", "comma-separated KEY=VALUE pairs")}
+
+
+def add_field_arguments(parser: argparse.ArgumentParser, names, defaults: dict | None = None) -> None:
+    """A --flag for each named Config field, its help the field's comment (`field_help`) and its
+    default. A flag not given is None, so that a preset's value stands, unless `defaults` gives the
+    command's own default for the field; values are strings that `resolve` converts, booleans
+    switches (--use-gpu / --no-use-gpu)."""
+    defaults = defaults or {}
+    helps = field_help()
+    by_name = {f.name: f for f in dataclasses.fields(Config)}
+    for name in names:
+        f = by_name[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        metavar, form = FORMATS.get(f.type, (f.type.__name__.upper(), ""))
+        text = helps.get(name, "") + (f" Format: {form}." if form else "")
+        text = f"{text} (default: {_shown(defaults.get(name, default))})".strip().replace("%", "%%")
+        flag = f"--{name.replace('_', '-')}"
+        if f.type is bool:
+            parser.add_argument(flag, dest=name, default=defaults.get(name), action=argparse.BooleanOptionalAction,
+                                help=text)
+        else:
+            parser.add_argument(flag, dest=name, default=defaults.get(name), metavar=metavar, help=text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per config field (strings, converted by `resolve`)."""
-    parser.add_argument("--preset", default="", help=f"overlay from pipeline/presets: {', '.join(preset_names())}")
-    for f in dataclasses.fields(Config):
-        if f.name != "preset":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                                help=f"default {f.default!r}")
+    """--preset, then one --flag per config field (see `add_field_arguments`)."""
+    parser.add_argument("--preset", default="", help=f"overlay from pipeline/presets, applied before the flags: "
+                                                     f"{', '.join(preset_names())}")
+    add_field_arguments(parser, [f.name for f in dataclasses.fields(Config) if f.name != "preset"])
 
 
 def to_dict(config: Config) -> dict:

@@ -4,11 +4,14 @@ each run writes."""
 import csv
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from pipeline import cli
+from pipeline import cli, report
 from pipeline.plots import DPI, SIZE
 from pipeline.report import ReportError
 from pipeline.results import flagperf_row
@@ -16,6 +19,7 @@ from pipeline.run import run
 from test_run import tiny_config
 
 PIXELS = (SIZE[0] * DPI, SIZE[1] * DPI)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +80,22 @@ def test_each_run_writes_its_plots(two_runs):
 
 def test_report_refusals(two_runs, tmp_path):
     with pytest.raises(ReportError, match=f"{tmp_path}: no result.json"):
-        cli.report.main([str(tmp_path)])
+        report.main([str(tmp_path)])
     again = json.loads((two_runs / "w1" / "result.json").read_text())
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / "result.json").write_text(json.dumps({**again, "run_name": "again"}))
     with pytest.raises(ReportError, match=r"2 one-device fp32 runs \(w1, again\)|2 one-device fp32 runs \(again, w1\)"):
-        cli.report.main([str(two_runs), str(tmp_path / "again"), "--output-dir", str(tmp_path / "out")])
+        report.main([str(two_runs), str(tmp_path / "again"), "--output-dir", str(tmp_path / "out")])
     shutil.rmtree(tmp_path / "again")
+
+
+def test_report_imports_neither_ray_nor_torch(two_runs, tmp_path):
+    """`frcnn-bench report` reads results anywhere, e.g. on a laptop without a cluster: it needs
+    neither Ray nor torch, and imports neither."""
+    code = ("import sys\nfrom pipeline import cli\ncli.main(['report', sys.argv[1], '--output-dir', sys.argv[2]])\n"
+            "print('HEAVY', sorted(m for m in ('ray', 'torch', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(two_runs), str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "report.json").is_file() and "| w2 |" in done.stdout
+    assert done.stdout.splitlines()[-1] == "HEAVY []"
