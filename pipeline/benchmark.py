@@ -28,9 +28,9 @@ import torch
 
 from pipeline import data, evaluation, metrics, synthetic
 from pipeline.baseline import run_baseline
+from pipeline.collector import Collector, StepSender
 from pipeline.config import add_field_arguments, resolve
 from pipeline.manifest import build_manifest, split_paths
-from pipeline.collector import Collector, StepSender
 from pipeline.records import StepRow, load_records
 from pipeline.run import connect, run
 

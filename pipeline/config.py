@@ -24,56 +24,65 @@ REFERENCE_LR, REFERENCE_IMAGES_PER_STEP = 0.02, 16
 
 @dataclass(frozen=True)
 class Config:
-    # Data: COCO 2017 layout under data_root (train2017/, val2017/, annotations/).
-    data_root: str = "data/coco"
-    # > 0: generate (or reuse) a synthetic COCO-format set of this many train images at data_root.
-    synthetic_train_images: int = 0
-    synthetic_val_images: int = 0
-    synthetic_image_size: int = 160
+    # Every field is also a command-line flag (--data-root for data_root, ...), whose help is the
+    # field's comment: the comment at the end of its line, or else the block of comment lines above it.
 
-    # Where results go: <output_dir>/<run_name>/ (run_name defaults to the preset and a timestamp).
+    # The data set: COCO 2017's layout (train2017/, val2017/, annotations/) under this folder.
+    data_root: str = "data/coco"
+    # > 0: generate (or reuse) a synthetic COCO-format set of this many training images at data_root.
+    synthetic_train_images: int = 0
+    synthetic_val_images: int = 0  # The synthetic set's val images.
+    synthetic_image_size: int = 160  # The synthetic images' longer side in pixels (+-25%).
+
+    # Where results go: <output_dir>/<run_name>/.
     output_dir: str = "results"
-    run_name: str = ""
-    preset: str = ""
+    run_name: str = ""  # The run's folder name; by default the preset and a timestamp.
+    preset: str = ""  # The preset applied (set by --preset).
     # Ray: "" joins the cluster of RAY_ADDRESS (which `ray job submit` sets) or, without it, starts
     # a fresh local Ray; any other value goes to ray.init(address=...), e.g. "auto".
     ray_address: str = ""
 
-    # Workers: one per device; 0 runs the loop in the driver process (debugging). `nodes` is how
-    # many nodes the workers need (num_workers / nodes devices each), checked before training;
-    # placement_strategy is Ray Train's (PACK fills a node before the next).
+    # Training workers, one per device; 0 runs the loop in the driver process (debugging).
     num_workers: int = 8
-    use_gpu: bool = True
+    use_gpu: bool = True  # A GPU per worker; off: CPU workers.
+    # How many nodes the workers need (num_workers / nodes devices each), checked before training.
     nodes: int = 1
+    # Ray Train's placement of the workers: PACK fills a node before the next, SPREAD spreads them.
     placement_strategy: str = "PACK"
     # Environment variables of the training worker processes (vendor switches, OMP_NUM_THREADS).
     worker_env: dict[str, str] = field(default_factory=dict)
 
-    # Model: torchvision fasterrcnn_resnet50_fpn, 91 classes, resized in-model to min/max size.
-    backbone_weights: str = "imagenet"  # "imagenet" | local path | file:// URL | "none"
+    # Backbone weights: "imagenet" (torchvision's download), a local path, a file:// URL or "none".
+    backbone_weights: str = "imagenet"
+    # The model's transform resizes each image so that its shorter side is min_size and its longer
+    # side at most max_size (torchvision's fasterrcnn_resnet50_fpn, 91 classes).
     min_size: int = 800
     max_size: int = 1333
     # RoIs sampled per image for the box head's loss (torchvision's 512). The box head's cost does
     # not shrink with the image, so small CPU runs lower it.
     box_batch_size_per_image: int = 512
 
-    # Recipe (torchvision references/detection, as FlagPerf runs it). batch_size is per worker.
-    # lr 0 means the linear rule: 0.02 x (batch_size x workers) / 16, see `linear_lr`.
-    batch_size: int = 2
+    # The recipe: torchvision's references/detection, as FlagPerf runs it.
+
+    batch_size: int = 2  # Images per worker and step.
+    # The base learning rate; 0 means the linear rule: 0.02 x (batch_size x workers) / 16.
     lr: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD's momentum.
+    weight_decay: float = 1e-4  # SGD's weight decay.
+    # Epoch 0's linear warm-up: the lr rises from warmup_factor x lr to lr over warmup_iters steps.
     warmup_factor: float = 1.0 / 1000
     warmup_iters: int = 1000
+    # The lr is multiplied by lr_gamma at the start of each of these epochs.
     lr_steps: tuple[int, ...] = (16, 22)
     lr_gamma: float = 0.1
-    max_epochs: int = 26
-    target_map: float = 0.36
+    max_epochs: int = 26  # The run stops after this many epochs, or once it reaches target_map.
+    target_map: float = 0.36  # The bbox mAP at which the run has converged and stops.
+    # fp32, amp (fp16 autocast with loss scaling) or bf16 (bf16 autocast).
     precision: str = "fp32"
     # Gradient-norm clipping; 0 is off, as in the reference. Randomly initialised short runs
     # (the demo) diverge without it.
     clip_grad_norm: float = 0.0
-    seed: int = 0
+    seed: int = 0  # The model's initialisation and the shuffling of every epoch.
     # The row's fix_hp column: hyper-parameters changed from the reference, e.g. "bs=16,lr=0.16".
     fix_hp: str = "/"
 
@@ -86,9 +95,8 @@ class Config:
     coco_evaluator: str = "faster-coco-eval"
     # Aspect-ratio grouping of training batches (torchvision's reference default 3; 0 is off).
     aspect_group_factor: int = 3
-    # Images per Ray Data decode task batch; batches prefetched by each worker.
-    decode_batch_size: int = 8
-    prefetch_batches: int = 4
+    decode_batch_size: int = 8  # Images per Ray Data decode task batch.
+    prefetch_batches: int = 4  # Batches each worker prefetches from its stream.
 
     def validate(self) -> "Config":
         problems = []
@@ -188,9 +196,9 @@ def resolve(preset: str = "", **overrides) -> Config:
 
 
 def field_help() -> dict[str, str]:
-    """Each Config field's help: the comments above and after it in this file's source. A block of
-    comment lines applies to every field that follows it until a blank line or the next block; a
-    comment at the end of a field's line applies to that field only."""
+    """Each Config field's help, from the comments of this file's source: the comment at the end of
+    the field's line, or else the block of comment lines above it (a block applies to every field
+    that follows it until a blank line or the next block)."""
     try:
         source = inspect.getsource(Config)
     except OSError:  # no source files (a bytecode-only install): flags without their comments
@@ -212,7 +220,7 @@ def field_help() -> dict[str, str]:
         elif not line.strip():
             block, previous = [], "blank"
         elif row in fields_at:
-            helps[fields_at[row]] = " ".join(block + [trailing[row]] if row in trailing else block)
+            helps[fields_at[row]] = trailing.get(row) or " ".join(block)
             previous = "field"
     return helps
 

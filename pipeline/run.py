@@ -16,14 +16,14 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchTrainer
 
 from pipeline import data, metrics, plots, results, synthetic
+from pipeline.collector import Collector
 from pipeline.config import Config, to_dict
 from pipeline.manifest import build_manifest, split_paths
 from pipeline.model import checked_weights_file, local_weights_file
 from pipeline.preflight import check_data_sizes, check_nodes_see, check_resources
 from pipeline.progress import Progress, quiet_ray_data, quiet_ray_init_options
-from pipeline.collector import Collector
-from pipeline.train_loop import LoopConfig, train_loop_per_worker
 from pipeline.records import load_steps, write_tables
+from pipeline.train_loop import LoopConfig, train_loop_per_worker
 
 
 class TrainingFailed(RuntimeError):

@@ -24,10 +24,10 @@ import pyarrow
 import ray
 
 from pipeline import checkpoint, report
-from pipeline.config import resolve
 from pipeline.collector import Collector, StepSender
-from pipeline.run import write_results
+from pipeline.config import resolve
 from pipeline.records import StepRow, load_tables
+from pipeline.run import write_results
 
 WORKERS, STEPS, EPOCHS = 16, 3665, 26
 

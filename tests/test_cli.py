@@ -20,16 +20,19 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def comments_of_fields() -> dict[str, str]:
-    """Each field's comments read off the lines of Config's source: the comment lines above it (other
-    fields may lie between; a blank line ends the search) and the comment at the end of its own line."""
+    """Each field's comment read off the lines of Config's source: the comment at the end of its own
+    line, or else the comment lines above it (other fields may lie between; a blank line ends the
+    search)."""
     lines = inspect.getsource(Config).splitlines()
     comments = {}
     for i, line in enumerate(lines):
         field = re.match(r"\s+(\w+): .+ = ", line)
         if not field:
             continue
-        found = [line.split("  # ", 1)[1]] if "  # " in line else []
-        above = i - 1
+        if "  # " in line:
+            comments[field.group(1)] = line.split("  # ", 1)[1]
+            continue
+        found, above = [], i - 1
         while above >= 0 and lines[above].strip() and not lines[above].strip().startswith("#"):
             above -= 1
         while above >= 0 and lines[above].strip().startswith("#"):
@@ -60,9 +63,10 @@ def test_every_field_has_its_comment_as_help():
         assert words, f"{name} has no comment in Config"
         missing = [word for word in words if word not in shown[name]]
         assert not missing, f"--{name}'s help {shown[name]!r} lacks {missing} of its comment {comments[name]!r}"
-    # Block comments reach every field of their block; a trailing comment only its own field.
+    # A block comment reaches every field of its block that has no comment of its own.
     assert "ray.init(address=...)" in shown["ray_address"]
-    assert "local path | file:// URL" in shown["backbone_weights"] and "file://" not in shown["min_size"]
+    assert "shorter side is min_size" in shown["max_size"] and "file://" not in shown["min_size"]
+    assert "Where results go" in shown["output_dir"] and "Where results go" not in shown["run_name"]
 
 
 def test_help_shows_real_defaults_and_formats():
@@ -110,7 +114,7 @@ def test_benchmark_takes_configs_flags_with_its_own_defaults(capsys):
                           ("--max-size INT", "640"), ("--precision STR", "'fp32'"),
                           ("--use-gpu, --no-use-gpu", "False")):
         assert any(o.startswith(f"{flag} ") and o.endswith(f"(default: {default})") for o in options), flag
-    assert any(o.startswith("--num-workers INT Workers: one per device;") for o in options)  # Config's comment
+    assert any(o.startswith("--num-workers INT Training workers, one per device;") for o in options)  # Config's
     assert "--workers" not in text
     for own in ("--output-dir", "--steps", "--repeats", "--eval-images"):
         assert own in text

@@ -12,10 +12,10 @@ import ray
 import torch
 
 from pipeline import data, evaluation, synthetic
+from pipeline.collector import Collector
 from pipeline.config import resolve
 from pipeline.images import flip_boxes
 from pipeline.manifest import build_manifest, split_paths
-from pipeline.collector import Collector
 from pipeline.train_loop import evaluate
 
 CPU = torch.device("cpu")

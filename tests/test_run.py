@@ -4,8 +4,8 @@ import json
 
 from figures_from_logs import assert_figures_match
 from pipeline.config import resolve
-from pipeline.run import run
 from pipeline.records import load_records
+from pipeline.run import run
 
 
 def tiny_config(ray_head, data_root, output_dir, **overrides):
