@@ -68,6 +68,7 @@ class Plan:
     config: Config
     run_dir: Path
     root: Path  # the data set
+    paths: dict[str, tuple]  # split -> (its annotation file, its image folder)
     weights: list[Path]  # local backbone weights every node must see (none when downloaded)
     manifests: dict[str, tuple]  # split -> (manifest, its statistics)
     steps_per_epoch: int
@@ -83,11 +84,11 @@ def prepare(config: Config) -> Plan:
         synthetic.generate(root, synthetic.SyntheticSpec(
             train_images=config.synthetic_train_images, val_images=config.synthetic_val_images,
             image_size=config.synthetic_image_size, seed=config.seed))
-    manifests = {split: build_manifest(*split_paths(root, split), drop_empty=split == "train")
-                 for split in ("train", "val")}
+    paths = {split: split_paths(root, split) for split in ("train", "val")}
+    manifests = {split: build_manifest(*paths[split], drop_empty=split == "train") for split in paths}
     # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
     steps_per_epoch = math.ceil(manifests["train"][0].num_rows // max(1, config.num_workers) / config.batch_size)
-    return Plan(config, Path(config.output_dir).resolve() / run_name, root, weights, manifests, steps_per_epoch)
+    return Plan(config, Path(config.output_dir).resolve() / run_name, root, paths, weights, manifests, steps_per_epoch)
 
 
 def connect(config: Config, verbose: bool) -> str:
@@ -136,7 +137,7 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     run's progress is shown on it (see pipeline.progress)."""
     process_start = process_start_time()
     plan = prepare(config)
-    check_data_sizes({split: (split_paths(plan.root, split)[0], *plan.manifests[split]) for split in plan.manifests},
+    check_data_sizes({split: (plan.paths[split][0], *plan.manifests[split]) for split in plan.paths},
                      config.num_workers)
     results.claim_run_dir(plan.run_dir, {**to_dict(config), "run_name": plan.run_dir.name})
     connection = connect(config, verbose)
@@ -144,7 +145,7 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
         print(f"Ray: {connection}; results: {plan.run_dir}", file=progress, flush=True)
     quiet_ray_data(verbose)
     check_resources(config)
-    annotations, images = zip(*(split_paths(plan.root, split) for split in ("train", "val")))
+    annotations, images = zip(*plan.paths.values())
     check_nodes_see([p.resolve() for p in (*annotations, *images, *plan.weights)], plan.run_dir.parent)
     collector = Collector.remote(str(plan.run_dir))
     fitted = train(plan, collector, progress)
@@ -161,7 +162,7 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
 def train(plan: Plan, collector, progress) -> ray.train.Result:
     """The TorchTrainer over the Ray Data streams, fitted; its result (the last checkpoint)."""
     config, val_manifest = plan.config, plan.manifests["val"][0]
-    loop = LoopConfig(config, collector, plan.steps_per_epoch, str(split_paths(plan.root, "val")[0].resolve()))
+    loop = LoopConfig(config, collector, plan.steps_per_epoch, str(plan.paths["val"][0].resolve()))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
