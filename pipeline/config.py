@@ -184,12 +184,15 @@ def load_preset(name: str) -> dict:
 
 
 def resolve(preset: str = "", **overrides) -> Config:
-    """Base config, then the preset's overlay, then the overrides; the lr rule; validated."""
-    values = {"preset": preset}
-    if preset:
-        values.update(load_preset(preset))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    config = Config(**{k: _convert(k, v) for k, v in values.items()})
+    """Base config, then the preset's overlay, then the overrides; the lr rule; validated. A
+    dict field (worker_env) given as an override is merged into the preset's, its keys winning:
+    `--worker-env NCCL_SOCKET_IFNAME=eth0` must not drop the preset's OMP_NUM_THREADS."""
+    values = {k: _convert(k, v) for k, v in load_preset(preset).items()} if preset else {}
+    for name, value in overrides.items():
+        if value is not None:
+            value = _convert(name, value)
+            values[name] = {**values.get(name, {}), **value} if isinstance(value, dict) else value
+    config = Config(preset=preset, **values)
     if config.lr == 0:
         config = dataclasses.replace(config, lr=linear_lr(config.batch_size, config.num_workers))
     return config.validate()

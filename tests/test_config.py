@@ -104,6 +104,13 @@ def test_worker_env_from_the_command_line():
         resolve(worker_env="A")
 
 
+def test_worker_env_flag_merges_into_the_presets():
+    config = resolve("a100-1x8", worker_env="NCCL_SOCKET_IFNAME=eth0,OMP_NUM_THREADS=2")
+    assert config.worker_env == {"OMP_NUM_THREADS": "2", "NCCL_SOCKET_IFNAME": "eth0"}
+    assert resolve("c500-1x8", worker_env="GLOO_SOCKET_IFNAME=ib0").worker_env == {
+        "METAX_USE_TF32": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "ib0"}
+
+
 def test_nodes_and_placement_are_checked():
     with pytest.raises(ConfigError, match="nodes must be 1..num_workers, got 3 for 2 workers"):
         resolve(num_workers=2, nodes=3)
