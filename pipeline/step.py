@@ -4,11 +4,11 @@ its optimizer and loss scaler, the padding probe) makes one `StepRow` per step, 
 The tests run it on the CPU with the fp16 autocast and the enabled loss scaler that `amp` uses on
 a GPU.
 
-Three pieces only do something on CUDA; each is one small function below, and `frcnn-bench
-acceptance` (pipeline/acceptance.py) is what runs them for real on a GPU machine: `pin`
-(page-locked host memory, so that the copy to the device is asynchronous), `synchronize` (waits
-for the device's queued work, so that the time measured around a step holds all of it) and
-`barrier` (NCCL's barrier needs the device it runs on).
+Two pieces only do something on CUDA; each is one small function below, and `frcnn-bench
+acceptance` (pipeline/acceptance.py) is what runs them for real on a GPU machine: `synchronize`
+(waits for the device's queued work, so that the time measured around a step holds all of it) and
+`barrier` (NCCL's barrier needs the device it runs on). The host-to-device copy is a plain copy
+inside the step's compute time: no copy overlaps compute (no pinned memory, no side stream).
 """
 
 import itertools
@@ -21,13 +21,6 @@ import torch.distributed as dist
 from pipeline import recipe
 from pipeline.config import Config
 from pipeline.records import StepRow
-
-
-def pin(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """On CUDA, the images copied to page-locked host memory, so that `to_device`'s non-blocking
-    copies overlap with compute; elsewhere the images as they are. Covered on a GPU by the
-    acceptance run (every step of its runs goes through it)."""
-    return [image.pin_memory() for image in images] if device.type == "cuda" else images
 
 
 def synchronize(device: torch.device) -> None:
@@ -68,8 +61,8 @@ class PaddingProbe:
 def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.device) -> tuple[list, list]:
     """uint8 CHW images -> float images in [0, 1] on the device (the model's transform then
     normalises them with ImageNet's mean and std), targets on the device."""
-    images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
-    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    images = [image.to(device).float().div_(255) for image in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     return images, targets
 
 

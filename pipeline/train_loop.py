@@ -43,13 +43,13 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def to_tensors(batch: dict, device: torch.device) -> tuple[list[int], list[torch.Tensor], list[dict]]:
+def to_tensors(batch: dict) -> tuple[list[int], list[torch.Tensor], list[dict]]:
     """A numpy batch from the stream -> image ids, uint8 CHW image tensors and targets, on the CPU,
-    sharing the batch's memory (images pinned for a CUDA device, see pipeline.step.pin)."""
+    sharing the batch's memory."""
     with warnings.catch_warnings():
         # Ray hands out read-only views of its object store; nothing here writes to them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        images = step.pin([torch.from_numpy(image) for image in batch["image"]], device)
+        images = [torch.from_numpy(image) for image in batch["image"]]
     targets = [{"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels)}
                for boxes, labels in zip(batch["boxes"], batch["labels"])]
     return [int(i) for i in batch["image_id"]], images, targets
@@ -81,7 +81,7 @@ class Prefetched:
         item = self.queue.get()
         if isinstance(item, BaseException):
             raise item
-        return None if item is self._END else to_tensors(item, self.device)[1:]
+        return None if item is self._END else to_tensors(item)[1:]
 
 
 def train_one_epoch(training: step.Training, batches: Prefetched, sender: StepSender, worker: int, epoch: int,
@@ -110,7 +110,7 @@ def infer_shard(model, shard, config: Config, device: torch.device, collector, r
     told = time.time()
     for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                     prefetch_batches=config.prefetch_batches):
-        image_ids, images, targets = to_tensors(batch, device)
+        image_ids, images, targets = to_tensors(batch)
         images, _ = step.to_device(images, targets, device)
         outputs = model(images)
         seen += image_ids
