@@ -41,7 +41,8 @@ class StepRow(NamedTuple):
     epoch: int
     step: int
     images: int
-    # Waiting for the next batch from the data stream and making tensors of it.
+    # Waiting for the next batch from the data stream and making tensors of it, then for every
+    # other worker to have its own (the barrier before compute, see pipeline.step).
     data_wait_s: float
     # Device copy + forward + backward + optimizer step, ended by a device synchronisation on
     # accelerators so that queued work is counted where it belongs.

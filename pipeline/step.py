@@ -78,12 +78,20 @@ class Training:
 
     def epoch(self, next_batch: Callable, worker: int, epoch: int, steps_per_epoch: int) -> Iterator[StepRow]:
         """Steps until `next_batch()` (which gives (images, targets) on the CPU) gives None: each
-        waits for its batch, sets the scheduled lr and trains on it; yields each step's row."""
+        waits for its batch, meets the other workers, sets the scheduled lr and trains on it;
+        yields each step's row.
+
+        The workers meet (a barrier) once every one has its batch, and that wait is data wait:
+        compute then starts together. Without it a worker still waiting for its batch joins DDP's
+        gradient all-reduce late, and every other worker's compute time (which ends after the
+        all-reduce) holds that wait, so p_core, taken from the slowest worker, would count data
+        loading as compute."""
         for index in itertools.count():
             start, wait_start = time.time(), time.perf_counter()
             batch = next_batch()
             if batch is None:
                 return
+            barrier(self.device)
             images, targets = batch
             compute_start = time.perf_counter()
             lr = recipe.apply_learning_rate(self.optimizer, self.config, epoch, index, steps_per_epoch)

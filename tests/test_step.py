@@ -1,10 +1,19 @@
 """The training step a GPU runs with amp, run on the CPU: a real R50-FPN under fp16 autocast with an
-enabled loss scaler (pipeline.recipe makes exactly these for amp on every device)."""
+enabled loss scaler (pipeline.recipe makes exactly these for amp on every device); and what a
+worker whose batches arrive late does to the others' timings, with two DDP processes over gloo."""
 
+import json
 import math
+import os
+import socket
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.multiprocessing import spawn
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import recipe, step
 from pipeline.config import Config
@@ -13,8 +22,7 @@ from pipeline.model import build_model
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def batch():
+def make_batch():
     generator = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=generator),
               torch.randint(0, 256, (3, 64, 48), dtype=torch.uint8, generator=generator)]
@@ -22,6 +30,11 @@ def batch():
                {"boxes": torch.tensor([[8.0, 10.0, 30.0, 50.0], [2.0, 2.0, 20.0, 20.0]]),
                 "labels": torch.tensor([18, 90])}]
     return images, targets
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch()
 
 
 @pytest.fixture
@@ -91,3 +104,40 @@ def test_to_device_scales_pixels_to_the_unit_range(batch):
     assert torch.equal(images[0], batch[0][0].float() / 255)
     assert 0.0 <= float(images[0].min()) and float(images[0].max()) <= 1.0
     assert torch.equal(targets[1]["boxes"], batch[1][1]["boxes"])
+
+
+LATE_S, LATE_STEPS = 2.0, 3
+
+
+def _worker_with_a_slow_source(rank: int, port: int, out: str) -> None:
+    """One of two DDP workers over gloo; worker 1's data source takes LATE_S longer per batch."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(build_model("none", 64, 64, box_batch_size_per_image=32))
+    training = step.Training(model, Config(lr=0.01), CPU)
+    batches = iter([make_batch()] * LATE_STEPS)
+
+    def next_batch():
+        if rank == 1:
+            time.sleep(LATE_S)  # a slow source: a cold disk, a busy decoder
+        return next(batches, None)
+
+    rows = [row._asdict() for row in training.epoch(next_batch, rank, 0, LATE_STEPS)]
+    Path(out, f"{rank}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def test_a_late_batch_is_data_wait_on_every_worker_not_compute(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn(_worker_with_a_slow_source, args=(port, str(tmp_path)), nprocs=2)
+    prompt, late = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert len(prompt) == len(late) == LATE_STEPS
+    for on_time, delayed in zip(prompt, late):
+        # Worker 0 had its batch at once and waited for worker 1's: that wait is data wait, and its
+        # compute is that of the late worker, which joined the all-reduce with no one to wait for.
+        assert on_time["data_wait_s"] >= 0.8 * LATE_S
+        assert on_time["compute_s"] < delayed["compute_s"] + LATE_S / 2, (on_time, delayed)
