@@ -18,6 +18,8 @@ from pathlib import Path
 PRESETS = Path(__file__).parent / "presets"
 PRECISIONS = ("fp32", "amp", "bf16")
 PLACEMENTS = ("PACK", "SPREAD")
+# CPUs of a GPU worker when cpus_per_worker is 0 (see the field).
+GPU_WORKER_CPUS = 4
 # torchvision's recipe: lr 0.02 for 16 images a step (8 GPUs x 2 images).
 REFERENCE_LR, REFERENCE_IMAGES_PER_STEP = 0.02, 16
 
@@ -51,6 +53,12 @@ class Config:
     placement_strategy: str = "PACK"
     # Environment variables of the training worker processes (vendor switches, OMP_NUM_THREADS).
     worker_env: dict[str, str] = field(default_factory=dict)
+    # CPUs Ray reserves for each training worker, which are its torch threads (OMP_NUM_THREADS in
+    # worker_env, when set, is the thread count instead); the node's other CPUs decode images in
+    # Ray Data. 0 means 1 for a CPU worker and 4 for a GPU worker, whose process needs a few cores
+    # (its loop, the batch puller, DDP's reducer, the CPU side of a step) and no more: 8 GPU
+    # workers then take 32 of a node's cores and leave the rest to decoding.
+    cpus_per_worker: int = 0
 
     # Backbone weights: "imagenet" (torchvision's download), a local path, a file:// URL or "none".
     backbone_weights: str = "imagenet"
@@ -111,7 +119,7 @@ class Config:
         for name in ("batch_size", "max_epochs", "min_size", "max_size", "box_batch_size_per_image", "decode_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_failures", "max_bad_images"):
+        for name in ("max_failures", "max_bad_images", "cpus_per_worker"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.num_workers < 0:
@@ -195,6 +203,8 @@ def resolve(preset: str = "", **overrides) -> Config:
     config = Config(preset=preset, **values)
     if config.lr == 0:
         config = dataclasses.replace(config, lr=linear_lr(config.batch_size, config.num_workers))
+    if config.cpus_per_worker == 0:
+        config = dataclasses.replace(config, cpus_per_worker=GPU_WORKER_CPUS if config.use_gpu else 1)
     return config.validate()
 
 

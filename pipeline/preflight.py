@@ -40,21 +40,21 @@ def alive_nodes() -> list[dict]:
 
 
 def check_resources(config: Config) -> None:
-    """Enough GPUs (per node, for multi-node presets) or CPUs, and a CPU left for Ray Data."""
+    """Enough GPUs and reserved CPUs per node (for multi-node presets, on that many nodes), and a
+    CPU left for Ray Data."""
     nodes = alive_nodes()
-    workers = max(1, config.num_workers)
+    workers, kind = max(1, config.num_workers), "GPU" if config.use_gpu else "CPU"
     cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    take = f"take {config.cpus_per_worker} CPU(s) each"
     if config.use_gpu:
         per_node = -(-workers // config.nodes)
-        fitting = [n for n in nodes if n["Resources"].get("GPU", 0) >= per_node]
+        fitting = [n for n in nodes if n["Resources"].get("GPU", 0) >= per_node
+                   and n["Resources"].get("CPU", 0) >= per_node * config.cpus_per_worker]
         if len(fitting) < config.nodes:
             raise PreflightError(f"{workers} GPU workers on {config.nodes} node(s) need {config.nodes} node(s) "
-                                 f"with {per_node} GPUs each; the cluster has {_describe(nodes)}")
-        if cpus < workers + 1:
-            raise PreflightError(f"{workers} GPU workers take a CPU each and Ray Data needs one more; "
-                                 f"the cluster has {_describe(nodes)}")
-    elif cpus < workers + 1:
-        raise PreflightError(f"{workers} CPU workers take a CPU each and Ray Data needs one more; "
+                                 f"with {per_node} GPUs each (the workers {take}); the cluster has {_describe(nodes)}")
+    if cpus < workers * config.cpus_per_worker + 1:
+        raise PreflightError(f"{workers} {kind} workers {take} and Ray Data needs one more; "
                              f"the cluster has {_describe(nodes)}")
 
 

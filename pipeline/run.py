@@ -12,8 +12,10 @@ import ray
 import torch
 import torchvision
 from ray._private import ray_constants
+from ray._private import utils as ray_utils
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import data, metrics, plots, results, synthetic
 from pipeline.collector import Collector
@@ -100,9 +102,10 @@ def connect(config: Config, verbose: bool) -> str:
         address = config.ray_address or os.environ["RAY_ADDRESS"]
         ray.init(address=config.ray_address or None, **options)
         return f"joined the cluster at {address}"
-    # A fresh local Ray. Each Train worker holds one logical CPU; leave at least two for Ray
-    # Data's decoding, or the stream waits forever for a CPU on a small machine.
-    num_cpus = max(os.cpu_count() or 1, config.num_workers + 2)
+    # A fresh local Ray with the CPUs this process may use (Ray's count heeds a container's cgroup
+    # limit, where os.cpu_count() gives the host's) and at least two beside the Train workers'
+    # for Ray Data's decoding, or the stream waits forever for a CPU on a small machine.
+    num_cpus = max(int(ray_utils.get_num_cpus()), config.num_workers * config.cpus_per_worker + 2)
     with loopback_only():
         ray.init(address="local", num_cpus=num_cpus, **options)
     return f"started a local instance with {num_cpus} CPUs, listening on 127.0.0.1 only"
@@ -147,7 +150,9 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     check_resources(config)
     annotations, images = zip(*plan.paths.values())
     check_nodes_see([p.resolve() for p in (*annotations, *images, *plan.weights)], plan.run_dir.parent)
-    collector = Collector.remote(str(plan.run_dir))
+    # On the driver's node: the run's bookkeeping must not go down with a lost worker node.
+    collector = Collector.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote(str(plan.run_dir))
     fitted = train(plan, collector, progress)
     if progress is not None and fitted.checkpoint is not None:
         print(f"last checkpoint: {fitted.checkpoint.path}", file=progress, flush=True)
@@ -159,6 +164,14 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
                                                          "steps_per_epoch": plan.steps_per_epoch, "data": data_facts})
 
 
+def scaling_config(config: Config) -> ScalingConfig:
+    """The workers, each with its device and its reserved CPUs (without a CPU figure a GPU worker
+    reserves only its GPU, and Ray Data would decode on every core beside the training processes)."""
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    return ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                         resources_per_worker=resources, placement_strategy=config.placement_strategy)
+
+
 def train(plan: Plan, collector, progress) -> ray.train.Result:
     """The TorchTrainer over the Ray Data streams, fitted; its result (the last checkpoint)."""
     config, val_manifest = plan.config, plan.manifests["val"][0]
@@ -166,8 +179,7 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     placement_strategy=config.placement_strategy),
+        scaling_config=scaling_config(config),
         run_config=RunConfig(name=plan.run_dir.name, storage_path=str(plan.run_dir.parent),
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

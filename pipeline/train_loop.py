@@ -171,6 +171,14 @@ def memory_record(device: torch.device) -> dict:
             "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
 
 
+def torch_threads(config: Config) -> int:
+    """A worker's torch threads: its reserved CPUs (config.cpus_per_worker), so that compute and
+    Ray Data's decoding on the other CPUs do not oversubscribe the cores; OMP_NUM_THREADS instead
+    when worker_env sets it. Not the process's inherited OMP_NUM_THREADS: Ray's launcher runs the
+    nodes' start commands with OMP_NUM_THREADS=1 exported, which every worker would inherit."""
+    return int(config.worker_env.get("OMP_NUM_THREADS", config.cpus_per_worker))
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     worker = Worker(loop_config["loop"])
     if not worker.begin():
@@ -189,9 +197,7 @@ class Worker:
         self.loop, self.config, self.collector = loop, loop.config, loop.collector
         self.context = ray.train.get_context()
         self.rank = self.context.get_world_rank()
-        # Logical CPUs are a scheduling budget, not threads: share this node's cores between its
-        # workers so that compute and Ray Data's decoding do not oversubscribe them.
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, self.context.get_local_world_size())))
+        torch.set_num_threads(torch_threads(self.config))
         torch.manual_seed(self.config.seed)
         self.device = ray.train.torch.get_device()
         self.train_shard = ray.train.get_dataset_shard("train")

@@ -116,3 +116,11 @@ def test_nodes_and_placement_are_checked():
         resolve(num_workers=2, nodes=3)
     with pytest.raises(ConfigError, match="placement_strategy must be one of PACK, SPREAD"):
         resolve(placement_strategy="STRICT")
+
+
+def test_cpus_per_worker_default_is_by_device():
+    assert resolve("1x8").cpus_per_worker == 4 and resolve("a100-2x8").cpus_per_worker == 4
+    assert resolve("smoke").cpus_per_worker == 1 and resolve("1x8", use_gpu="false").cpus_per_worker == 1
+    assert resolve("1x8", cpus_per_worker="6").cpus_per_worker == 6
+    with pytest.raises(ConfigError, match="cpus_per_worker must be 0 or more, got -1"):
+        resolve(cpus_per_worker="-1")

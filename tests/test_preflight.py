@@ -22,7 +22,8 @@ def sixteen_images(tmp_path_factory):
 
 def test_gpu_preset_on_a_cpu_cluster_fails_fast(ray_head, sixteen_images, tmp_path):
     config = resolve("1x8", data_root=str(sixteen_images), output_dir=str(tmp_path), ray_address=ray_head.address)
-    with pytest.raises(PreflightError, match=r"8 GPU workers on 1 node\(s\) need 1 node\(s\) with 8 GPUs each; "
+    with pytest.raises(PreflightError, match=r"8 GPU workers on 1 node\(s\) need 1 node\(s\) with 8 GPUs each "
+                                             r"\(the workers take 4 CPU\(s\) each\); "
                                              r"the cluster has node [\d.]+: 0 GPUs, 5 CPUs$"):
         run(config)
 
@@ -36,7 +37,15 @@ def test_two_node_preset_names_what_is_missing(ray_head, sixteen_images, tmp_pat
 def test_too_many_cpu_workers_fail_instead_of_waiting(ray_head, tmp_path):
     config = resolve("smoke", num_workers=5, data_root=str(tmp_path / "data"), output_dir=str(tmp_path),
                      ray_address=ray_head.address)
-    with pytest.raises(PreflightError, match="5 CPU workers take a CPU each and Ray Data needs one more"):
+    with pytest.raises(PreflightError, match=r"5 CPU workers take 1 CPU\(s\) each and Ray Data needs one more"):
+        run(config)
+
+
+def test_reserved_cpus_per_worker_are_counted(ray_head, tmp_path):
+    config = resolve("smoke", cpus_per_worker=3, data_root=str(tmp_path / "data"), output_dir=str(tmp_path),
+                     ray_address=ray_head.address)
+    with pytest.raises(PreflightError, match=r"2 CPU workers take 3 CPU\(s\) each and Ray Data needs one more; "
+                                             r"the cluster has node [\d.]+: 0 GPUs, 5 CPUs$"):
         run(config)
 
 

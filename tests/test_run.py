@@ -68,3 +68,10 @@ def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
     row = (run_dir / "row.md").read_text().splitlines()
     assert row[0] == "| config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |"
     assert row[2].startswith("| 1x2 | fp32 | / |")
+
+
+def test_every_worker_reserves_its_cpus_beside_its_device():
+    from pipeline.run import scaling_config
+
+    assert scaling_config(resolve("a100-2x8")).resources_per_worker == {"CPU": 4, "GPU": 1}
+    assert scaling_config(resolve("smoke", cpus_per_worker=2)).resources_per_worker == {"CPU": 2}
