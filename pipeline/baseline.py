@@ -83,14 +83,14 @@ def _worker(rank: int, job: Job) -> None:
     steps, epochs = [], []
     for epoch in range(config.max_epochs):
         sampler.set_epoch(epoch)
-        epoch_start = time.time()
+        epoch_start, clock = time.time(), time.perf_counter()
         dist.barrier()
         start = time.perf_counter()
         batches = iter(loader)
         steps += training.epoch(lambda: next(batches, None), rank, epoch, len(loader))
         dist.barrier()
         epochs.append({"worker": rank, "epoch": epoch, "start": epoch_start, "end": time.time(),
-                       "train_s": time.perf_counter() - start, "eval_s": 0.0})
+                       "wall_s": time.perf_counter() - clock, "train_s": time.perf_counter() - start, "eval_s": 0.0})
     Path(job.out_dir, f"rank{rank}.json").write_text(json.dumps({"steps": steps, "epochs": epochs}))
     dist.destroy_process_group()
 

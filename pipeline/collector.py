@@ -89,13 +89,14 @@ class Collector:
     def add_epoch(self, row: dict) -> None:
         self._append("epochs", row)
 
-    def end_epoch(self, worker: int, epoch: int, end: float) -> None:
-        """The epoch's end on this worker, known only after its checkpoint is saved: the row
-        added before it (and saved in that checkpoint) ends where the checkpoint began."""
+    def end_epoch(self, worker: int, epoch: int, end: float, wall_s: float) -> None:
+        """The epoch's end (unix time) and span (monotonic) on this worker, known only after its
+        checkpoint is saved: the row added before it (and saved in that checkpoint) ends where
+        the checkpoint began."""
         epochs = self.tables["epochs"]
         for i in range(len(epochs["epoch"]) - 1, -1, -1):
             if epochs["worker"][i] == worker and epochs["epoch"][i] == epoch:
-                epochs["end"][i] = end
+                epochs["end"][i], epochs["wall_s"][i] = end, wall_s
                 return
 
     def add_worker(self, row: dict) -> None:

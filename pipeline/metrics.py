@@ -48,15 +48,15 @@ def compute_time(steps: dict) -> float:
 
 
 def epochs_time_per_worker(epochs: dict) -> dict[int, float]:
-    """Each worker's Σ over its epochs of (end - start), by worker."""
+    """Each worker's Σ over its epochs of wall_s (end - start on its monotonic clock), by worker."""
     per_worker = defaultdict(float)
-    for worker, start, end in zip(epochs["worker"], epochs["start"], epochs["end"]):
-        per_worker[worker] += end - start
+    for worker, wall_s in zip(epochs["worker"], epochs["wall_s"]):
+        per_worker[worker] += wall_s
     return dict(per_worker)
 
 
 def whole_time(epochs: dict) -> float:
-    """The slowest worker's Σ over epochs of (end - start): without restarts, the wall time from
+    """The slowest worker's Σ over epochs of wall_s (end - start): without restarts, the wall time from
     the first epoch's start to the last epoch's end on that worker, everything in between
     included (training, evaluation, checkpoints, reports, barriers). With restarts, the epochs
     kept from each attempt; the time lost between attempts is in time_lost_s, not here."""
@@ -83,14 +83,18 @@ def p_core(steps: dict) -> float:
 
 
 def time_to_target(steps: dict, epochs: dict, target_map: float) -> float | None:
-    """Seconds from the first training step's start (any worker) to the end, on the slowest
-    worker, of the first epoch whose mAP reached target_map (MLPerf's time to train); None when
-    no epoch reached it. Wall time: a restart's lost time is in it."""
+    """Seconds from the first training step's start to the end of the first epoch whose mAP
+    reached target_map (MLPerf's time to train), the slowest worker's, each worker's on its own
+    clock (its first step's start to its end of that epoch), so that no two machines' clocks
+    meet in one difference; None when no epoch reached it. Wall time: a restart's lost time is
+    in it."""
     reached = sorted(e for e, m in zip(epochs["epoch"], epochs["map"]) if m >= target_map)
     if not reached:
         return None
-    end = max(t for e, t in zip(epochs["epoch"], epochs["end"]) if e == reached[0])
-    return end - float(np.min(steps["start"]))
+    first_start = {worker: float(np.min(np.asarray(steps["start"])[np.asarray(steps["worker"]) == worker]))
+                   for worker in set(np.asarray(steps["worker"]).tolist())}
+    return max(end - first_start[worker] for worker, epoch, end in zip(epochs["worker"], epochs["epoch"], epochs["end"])
+               if epoch == reached[0])
 
 
 def loss_scaling(steps: dict) -> dict:

@@ -3,11 +3,13 @@
 steps  (one row per training step per worker, a `StepRow`): the step log, one Parquet file per
        epoch in RUN_DIR/steps.parquet/, written as each epoch ends (pyarrow reads the folder as
        one table); its index, step_log.json, gives each epoch's rows, images and last step's end.
-epochs (one row per epoch per worker): worker, epoch, start, end (unix times), train_s,
+epochs (one row per epoch per worker): worker, epoch, start, end (unix times), wall_s, train_s,
        eval_s, eval_images (val images this worker inferred), map, ap50, ap75, energy_j.
        start..end is the whole epoch on that worker: its barriers, training, evaluation, the
        records sent, the checkpoint saved and reported; the next epoch starts at the same
        instant (the same clock reading), so the epochs of a run tile its training wall time.
+       wall_s is that span on the worker's monotonic clock (a wall clock can be stepped
+       while a run goes on, by NTP or by hand); every duration here is monotonic.
        Workers pass a barrier before and after each phase, so a phase's wall time is the
        same on all workers up to the barrier's skew; the slowest worker's figure counts.
        train_s: the epoch's training phase. eval_s: from the end of training to the end of
@@ -63,7 +65,7 @@ class StepRow(NamedTuple):
 
 TABLES = {
     "steps": StepRow._fields,
-    "epochs": ("worker", "epoch", "start", "end", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75",
+    "epochs": ("worker", "epoch", "start", "end", "wall_s", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75",
                "energy_j"),
     "workers": ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind",
                 "env"),

@@ -67,7 +67,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def epoch_row(rank: int, epoch: int, start: float) -> dict:
-    return {"worker": rank, "epoch": epoch, "start": start, "end": time.time(), "train_s": 900.0, "eval_s": 60.0,
+    return {"worker": rank, "epoch": epoch, "start": start, "end": time.time(), "wall_s": time.time() - start, "train_s": 900.0, "eval_s": 60.0,
             "eval_images": 5000 // WORKERS, "map": 0.01 * epoch, "ap50": 0.02 * epoch, "ap75": 0.01 * epoch,
             "energy_j": None}
 
@@ -90,7 +90,7 @@ def run_epochs(collector, workers: list, epochs: range, steps: int, checkpoint_d
         timings.append({"epoch": epoch, "bookkeeping_s": seconds, "checkpoint_bytes": size,
                         "actor_rss_bytes": memory_bytes(collector, "VmRSS")})
         end = time.time()
-        ray.get([collector.end_epoch.remote(rank, epoch, end) for rank in range(len(workers))])
+        ray.get([collector.end_epoch.remote(rank, epoch, end, end - start) for rank in range(len(workers))])
         print(f"epoch {epoch}: bookkeeping {seconds:.2f} s, checkpoint records {size / 1e6:.1f} MB, actor "
               f"{timings[-1]['actor_rss_bytes'] / 1e6:.0f} MB", flush=True)
 

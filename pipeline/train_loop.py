@@ -219,7 +219,7 @@ class Worker:
             return False
         if self.rank == 0:
             ray.get(self.collector.begin_attempt.remote(self.start_epoch, saved))
-        self.epoch_start = time.time()
+        self.epoch_start, self.epoch_clock = time.time(), time.perf_counter()
         return True
 
     def run_epoch(self, epoch: int) -> None:
@@ -238,7 +238,7 @@ class Worker:
         step.barrier(device)
         end = time.perf_counter()
         epoch_row = {"worker": self.rank, "epoch": epoch, "start": self.epoch_start, "end": time.time(),
-                     "train_s": train_end - start, "eval_s": end - train_end, "eval_images": inferred,
+                     "wall_s": end - self.epoch_clock, "train_s": train_end - start, "eval_s": end - train_end, "eval_images": inferred,
                      "energy_j": joules, **scores}
         ray.get([self.sender.flush(), self.collector.add_epoch.remote(epoch_row)])
         step.barrier(device)  # every worker's rows are with the actor before rank 0 saves them
@@ -246,8 +246,9 @@ class Worker:
         checkpoint.save_epoch(training, scores, epoch, self.converged, self.rank, self.collector)
         # The epoch ends once its checkpoint is saved; the next one starts at the same instant,
         # so that the epochs tile the training wall time (see pipeline.metrics.whole_time).
-        self.epoch_start = time.time()
-        self.collector.end_epoch.remote(self.rank, epoch, self.epoch_start)
+        self.epoch_start, clock = time.time(), time.perf_counter()
+        self.collector.end_epoch.remote(self.rank, epoch, self.epoch_start, clock - self.epoch_clock)
+        self.epoch_clock = clock
 
     def finish(self) -> None:
         """The worker's row: where it ran, its device and peak memory, its environment."""

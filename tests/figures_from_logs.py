@@ -22,15 +22,15 @@ def figures_from_logs(run_dir: Path, target_map: float, process_start: float) ->
     numbers = sorted({row["epoch"] for row in epochs})
 
     images = sum(row["images"] for row in steps)
-    whole = max(sum(row["end"] - row["start"] for row in epochs if row["worker"] == rank) for rank in ranks)
+    whole = max(sum(row["wall_s"] for row in epochs if row["worker"] == rank) for rank in ranks)
     training = sum(max(row["train_s"] for row in epochs if row["epoch"] == n) for n in numbers)
     evaluation = sum(max(row["eval_s"] for row in epochs if row["epoch"] == n) for n in numbers)
     compute = max(sum(row["compute_s"] for row in steps if row["worker"] == rank) for rank in ranks)
     waiting = sum(row["data_wait_s"] for row in steps)
 
     reached = [n for n in numbers if any(row["map"] >= target_map for row in epochs if row["epoch"] == n)]
-    to_target = (max(row["end"] for row in epochs if row["epoch"] == reached[0]) - min(row["start"] for row in steps)
-                 if reached else None)
+    to_target = (max(row["end"] - min(step["start"] for step in steps if step["worker"] == row["worker"])
+                     for row in epochs if row["epoch"] == reached[0]) if reached else None)
     rank0 = sorted((row for row in steps if row["worker"] == 0), key=lambda row: (row["epoch"], row["step"]))
     energy = [row["energy_j"] for row in epochs]
     peak = max(workers, key=lambda row: row["mem_peak_bytes"])

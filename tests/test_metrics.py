@@ -31,6 +31,7 @@ EPOCHS = {
     "epoch": [0, 1, 0, 1],
     "start": [99.5, 104.5, 99.5, 105.0],
     "end": [104.5, 107.5, 105.0, 109.5],
+    "wall_s": [5.0, 3.0, 5.5, 4.5],
     "train_s": [3.0, 2.0, 4.0, 3.0],
     "eval_s": [1.0, 0.5, 0.75, 1.0],
     "eval_images": [2, 2, 2, 2],
@@ -81,6 +82,21 @@ def test_whole_time_leaves_out_the_gap_of_a_restart():
     # time (attempts.jsonl), not training time.
     epochs = {**EPOCHS, "start": [99.5, 134.5, 99.5, 135.0], "end": [104.5, 137.5, 105.0, 139.5]}
     assert metrics.whole_time(epochs) == 10.0
+
+
+def test_durations_are_monotonic_not_the_wall_clock():
+    # Worker 1's wall clock stepped forward by 100 s during its epoch 1 (NTP, say): its monotonic
+    # span, wall_s, is what whole_time adds up.
+    stepped = {**EPOCHS, "end": [104.5, 107.5, 105.0, 209.5]}
+    assert metrics.whole_time(stepped) == metrics.whole_time(EPOCHS) == 10.0
+
+
+def test_time_to_target_reads_each_workers_own_clock():
+    # Worker 1's machine's clock runs 50 s ahead of worker 0's: each worker's figure is taken on its
+    # own clock, so the skew between machines does not enter it.
+    skewed_steps = {**STEPS, "start": [100.0, 101.0, 105.0, 150.0, 152.0, 156.0]}
+    skewed_epochs = {**EPOCHS, "start": [99.5, 104.5, 149.5, 155.0], "end": [104.5, 107.5, 155.0, 159.5]}
+    assert metrics.time_to_target(skewed_steps, skewed_epochs, 0.15) == metrics.time_to_target(STEPS, EPOCHS, 0.15)
 
 
 def test_time_to_target():
