@@ -107,12 +107,16 @@ def fetch(url: str, cache: Path) -> Path:
     prefix = hash_prefix(name)
     if target.is_file() and (prefix is None or sha256_of(target).startswith(prefix)):
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=cache, prefix=f".{name}.", suffix=".partial")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=cache, prefix=f".{name}.", suffix=".partial")
+    except OSError as e:
+        raise WeightsError(f"backbone weights {url}: cannot write to the cache {cache} ({e.strerror})") from None
     try:
         with os.fdopen(handle, "wb") as file:
             digest = download(url, file)
         check_digest(f"backbone weights {url}", name, digest)
+        os.chmod(partial, 0o644)  # mkstemp's 0600 would hide it from workers and cache sharers of other users
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)  # gone once renamed into place
@@ -139,7 +143,7 @@ def download(url: str, file) -> str:
         raise WeightsError(f"backbone weights {url}: no data from the server for {TIMEOUT_S} s, at "
                            f"{progress(done, total)}") from None
     except (OSError, HTTPException) as e:
-        raise WeightsError(f"backbone weights {url}: the connection ended at {progress(done, total)} "
+        raise WeightsError(f"backbone weights {url}: the download stopped at {progress(done, total)} "
                            f"({type(e).__name__}: {e})") from None
     if total is not None and done != total:
         raise WeightsError(f"backbone weights {url}: the connection ended at {progress(done, total)}")

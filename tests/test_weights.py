@@ -87,6 +87,7 @@ def test_downloaded_once_into_the_cache_and_loaded(server, state, tmp_path):
     cache = tmp_path / "cache"
     assert backbone_file(url, cache) == cache / name
     assert sorted(p.name for p in cache.iterdir()) == [name]
+    assert (cache / name).stat().st_mode & 0o777 == 0o644  # readable by the workers, whoever runs them
     assert_same(load_backbone_state(str(cache / name)), weights)
     assert backbone_file(url, cache) == cache / name  # from the cache: the server is not asked again
     assert server.requests == [f"/{name}"]
@@ -130,6 +131,16 @@ def test_unreachable_host_is_named(tmp_path, monkeypatch):
     url = f"http://127.0.0.1:{port}/resnet50-0676ba61.pth"
     assert re.fullmatch(rf"backbone weights {re.escape(url)}: cannot reach the server \(.*refused.*\)",
                         failure(url, tmp_path))
+
+
+def test_a_cache_that_cannot_be_written_is_named(server, state, tmp_path):
+    _, body, name = state
+    url = serve(server, name, body)
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    with pytest.raises(WeightsError, match=rf"^backbone weights {re.escape(url)}: cannot write to the cache "
+                                           rf"{re.escape(str(tmp_path / 'cache'))} \(File exists\)$"):
+        fetch(url, tmp_path / "cache")
+    assert server.requests == []
 
 
 def test_a_name_without_a_hash_prefix_is_not_checked(server, tmp_path):
