@@ -10,7 +10,7 @@ from pipeline import config as config_module
 # Problems with what the user gave: one line naming it, no traceback. By module, so that a command
 # imports only what it uses (see `user_errors`); FileExistsError is the builtin.
 USER_ERRORS = {"pipeline.config": "ConfigError", "pipeline.manifest": "AnnotationError",
-               "pipeline.model": "WeightsError", "pipeline.preflight": "PreflightError",
+               "pipeline.weights": "WeightsError", "pipeline.preflight": "PreflightError",
                "pipeline.report": "ReportError", "pipeline.coco": "CocoError"}
 
 

@@ -60,8 +60,13 @@ class Config:
     # workers then take 32 of a node's cores and leave the rest to decoding.
     cpus_per_worker: int = 0
 
-    # Backbone weights: "imagenet" (torchvision's download), a local path, a file:// URL or "none".
+    # Backbone weights: "imagenet" (torchvision's file, from its URL), an http(s):// URL (a mirror), a
+    # local path, a file:// URL, or "none" (random init). A URL's file is downloaded once, by the
+    # driver, into weights_cache; the workers load that file and never download.
     backbone_weights: str = "imagenet"
+    # The folder every node sees where the driver keeps downloaded backbone weights ("" is
+    # <output_dir>/.weights); a file there that matches the hash in its name is not downloaded again.
+    weights_cache: str = ""
     # The model's transform resizes each image so that its shorter side is min_size and its longer
     # side at most max_size (torchvision's fasterrcnn_resnet50_fpn, 91 classes).
     min_size: int = 800

@@ -11,8 +11,9 @@ from pathlib import Path
 from pipeline.records import step_log_epochs, write_atomically
 
 RUN_CONFIG = "config.json"
-# What a resumed run may change: where the cluster and the results directory are, how many restarts.
-RESUME_MAY_CHANGE = ("output_dir", "ray_address", "max_failures")
+# What a resumed run may change: where the cluster, the results directory and the downloaded
+# weights are, how many restarts.
+RESUME_MAY_CHANGE = ("output_dir", "ray_address", "weights_cache", "max_failures")
 
 ROW_COLUMNS = ("config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "map", "mem")
 

@@ -21,11 +21,11 @@ from pipeline import data, metrics, plots, results, synthetic
 from pipeline.collector import Collector
 from pipeline.config import Config, to_dict
 from pipeline.manifest import build_manifest, split_paths
-from pipeline.model import checked_weights_file, local_weights_file
 from pipeline.preflight import check_data_sizes, check_nodes_see, check_resources
 from pipeline.progress import Progress, quiet_ray_data, quiet_ray_init_options
 from pipeline.records import load_steps, write_tables
 from pipeline.train_loop import LoopConfig, train_loop_per_worker
+from pipeline.weights import backbone_file
 
 
 class TrainingFailed(RuntimeError):
@@ -71,16 +71,17 @@ class Plan:
     run_dir: Path
     root: Path  # the data set
     paths: dict[str, tuple]  # split -> (its annotation file, its image folder)
-    weights: list[Path]  # local backbone weights every node must see (none when downloaded)
+    weights: list[Path]  # the backbone's local file, which every node must see and every worker loads ([] for "none")
     manifests: dict[str, tuple]  # split -> (manifest, its statistics)
     steps_per_epoch: int
 
 
 def prepare(config: Config) -> Plan:
-    """The run's name and directory, its weights checked, the data set (generated if synthetic)
-    and its manifests."""
+    """The run's name and directory, its backbone weights (checked, or fetched into the cache every
+    node sees), the data set (generated if synthetic) and its manifests."""
     run_name = config.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    weights = [checked_weights_file(config.backbone_weights)] if local_weights_file(config.backbone_weights) else []
+    cache = Path(config.weights_cache or Path(config.output_dir) / ".weights")
+    weights = backbone_file(config.backbone_weights, cache)
     root = Path(config.data_root)
     if config.synthetic_train_images:
         synthetic.generate(root, synthetic.SyntheticSpec(
@@ -90,7 +91,8 @@ def prepare(config: Config) -> Plan:
     manifests = {split: build_manifest(*paths[split], drop_empty=split == "train") for split in paths}
     # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
     steps_per_epoch = math.ceil(manifests["train"][0].num_rows // max(1, config.num_workers) / config.batch_size)
-    return Plan(config, Path(config.output_dir).resolve() / run_name, root, paths, weights, manifests, steps_per_epoch)
+    return Plan(config, Path(config.output_dir).resolve() / run_name, root, paths, [weights] if weights else [],
+                manifests, steps_per_epoch)
 
 
 def connect(config: Config, verbose: bool) -> str:
@@ -172,10 +174,17 @@ def scaling_config(config: Config) -> ScalingConfig:
                          resources_per_worker=resources, placement_strategy=config.placement_strategy)
 
 
+def worker_config(plan: Plan, collector) -> LoopConfig:
+    """What every worker is given: the config as the user gave it, and the backbone's local file
+    (the workers never download)."""
+    return LoopConfig(plan.config, collector, plan.steps_per_epoch, str(plan.paths["val"][0].resolve()),
+                      backbone_file=str(plan.weights[0]) if plan.weights else "none")
+
+
 def train(plan: Plan, collector, progress) -> ray.train.Result:
     """The TorchTrainer over the Ray Data streams, fitted; its result (the last checkpoint)."""
     config, val_manifest = plan.config, plan.manifests["val"][0]
-    loop = LoopConfig(config, collector, plan.steps_per_epoch, str(plan.paths["val"][0].resolve()))
+    loop = worker_config(plan, collector)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},

@@ -37,6 +37,7 @@ class LoopConfig:
     collector: ray.actor.ActorHandle  # the run's pipeline.collector.Collector
     steps_per_epoch: int
     val_annotations: str  # rank 0 loads the ground truth from it
+    backbone_file: str  # the backbone's local weights file, found or fetched by the driver, or "none"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -203,7 +204,7 @@ class Worker:
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
         self.train_batches = Prefetched(self.train_shard, self.config, self.device)  # fills while the model is built
-        model = ray.train.torch.prepare_model(build_model(self.config.backbone_weights, self.config.min_size,
+        model = ray.train.torch.prepare_model(build_model(loop.backbone_file, self.config.min_size,
                                                           self.config.max_size, self.config.box_batch_size_per_image))
         self.training = step.Training(model, self.config, self.device)
         self.ground_truth = (evaluation.load_ground_truth(loop.val_annotations, self.config.coco_evaluator)

@@ -150,6 +150,8 @@ BAD_RUNS = {
     "backbone weights missing": (["--backbone-weights", "file:///nonexistent/resnet50-0676ba61.pth"], None,
                                  "no such file /nonexistent/resnet50-0676ba61.pth"),
     "backbone weights failing the hash": (["--backbone-weights", "WEIGHTS"], None, "does not match the prefix 0676ba61"),
+    "backbone weights unreachable": (["--backbone-weights", "http://127.0.0.1:1/resnet50-0676ba61.pth"], None,
+                                     "backbone weights http://127.0.0.1:1/resnet50-0676ba61.pth: cannot reach the server"),
     "annotations truncated": ([], ("train", lambda p: p.write_text(p.read_text()[:100])), "not valid JSON"),
     "annotations not COCO": ([], ("val", lambda p: p.write_text('{"type": "captions"}')), "not a COCO instances file"),
     "unknown image id": ([], ("train", edit_json(lambda d: d["annotations"][0].update(image_id=424242))),

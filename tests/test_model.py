@@ -7,7 +7,8 @@ import torch
 from torchvision.models import resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
-from pipeline.model import WeightsError, build_model, load_backbone_state
+from pipeline.model import build_model, load_backbone_state
+from pipeline.weights import IMAGENET_URL, WeightsError
 
 TRAINABLE = ("layer2.", "layer3.", "layer4.")
 
@@ -88,18 +89,13 @@ def test_missing_file_is_named(tmp_path):
         build_model("file://" + str(missing), 64, 96)
 
 
-def test_imagenet_comes_from_the_hub_cache_and_is_checked(weights, tmp_path, monkeypatch):
-    """No network: the default source finds its file in the torch hub cache, whose SHA-256 is
-    checked against the name's prefix; the real ImageNet file cannot be here, so a stand-in
-    placed under that name must be caught."""
-    path, _ = weights
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert torch.hub.get_dir() == str(tmp_path / "hub")  # holds while nobody called torch.hub.set_dir
-    checkpoints = tmp_path / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    shutil.copyfile(path, checkpoints / "resnet50-0676ba61.pth")
-    with pytest.raises(WeightsError, match=r"resnet50-0676ba61.pth: SHA-256 .* does not match the prefix 0676ba61"):
-        build_model("imagenet", 64, 96)
+def test_the_model_never_downloads():
+    """A worker given "imagenet" or a URL instead of the file the driver fetched refuses it: it
+    must not download (see tests/test_weights.py for the driver's fetch)."""
+    assert IMAGENET_URL == "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+    for source in ("imagenet", IMAGENET_URL, "http://127.0.0.1:1/resnet50-0676ba61.pth"):
+        with pytest.raises(WeightsError, match="a download, which only the driver makes"):
+            build_model(source, 64, 96)
 
 
 def test_no_weights_trains_everything():

@@ -20,7 +20,8 @@ def test_a_new_run_writes_its_config_and_a_resume_is_let_in(tmp_path):
     assert json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(CONFIG))
     (run_dir / "result.json").write_text("{}")
     claim_run_dir(run_dir, CONFIG)  # the same run resumed
-    claim_run_dir(run_dir, {**CONFIG, "ray_address": "10.0.0.1:6379", "max_failures": 3, "output_dir": "/x"})
+    claim_run_dir(run_dir, {**CONFIG, "ray_address": "10.0.0.1:6379", "max_failures": 3, "output_dir": "/x",
+                            "weights_cache": "/w"})
 
 
 @pytest.mark.parametrize("results_file", ["result.json", "steps.parquet/epoch-0000.parquet", "checkpoint_2026/state.pt"])
