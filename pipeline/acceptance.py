@@ -4,9 +4,10 @@ It makes a COCO-like synthetic set at COCO's image sizes (about 640x480 JPEGs, C
 ratios, 3 to 20 objects), then trains the 1x1 configuration at FlagPerf's A100 batch (16 per GPU,
 800/1333, frozen-BN ResNet-50 with 3 trainable layers; lr by the linear rule, see `configs`) for
 `--steps` steps over two epochs, in fp32 and in amp, and, with two GPUs or more, the amp run again as 1x2 over NCCL. It prints and checks what
-only a GPU can show: the device's name, the CUDA memory figure, that amp's loss scale moved and
-its p_core beats fp32's, p_train / p_core, init_time, the energy per image (NVML, where the GPU
-has the counter) and each run's FlagPerf row. Results: acceptance.json and acceptance.md in
+only a GPU can show: the driver's and torch's CUDA versions the run's GPU check found, the
+device's name, NVML's memory figure against torch's peak reservation and the device's total,
+that amp's loss scale moved and its p_core beats fp32's, p_train / p_core, init_time, the energy
+per image (NVML, where the GPU has the counter) and each run's FlagPerf row. Results: acceptance.json and acceptance.md in
 --output-dir, beside each run's own results directory. Exit code 1 when a check fails.
 
 The ImageNet backbone cannot be downloaded on a closed machine: without --backbone-weights the
@@ -96,15 +97,33 @@ def check(name: str, passed: bool, detail: str) -> dict:
     return {"check": name, "passed": bool(passed), "detail": detail}
 
 
+def gpu_nodes_check(result: dict) -> dict:
+    """What the run's GPU check (pipeline.preflight.check_gpu_nodes) found on each node: a run
+    returns only when it passed, on at least one GPU node."""
+    nodes = [f"{n['node']}: NVIDIA driver {n['driver'] or 'unknown, NVML: ' + str(n['nvml_error'])} "
+             f"(CUDA {n['driver_cuda']}), torch {n['torch']} (CUDA {n['torch_cuda']}), {n['devices']} device(s) "
+             f"for {n['given']} GPU(s) given" for n in result["gpu_nodes"]]
+    return check("GPU nodes: driver and wheels", bool(nodes), "; ".join(nodes) or "no GPU node checked")
+
+
+def memory_check(name: str, result: dict) -> dict:
+    """NVML's used peak (FlagPerf's figure) holds torch's peak reservation, the CUDA context and
+    NCCL's buffers besides, and fits in the device."""
+    used, total, reserved = result["mem_used_gib"], result["mem_total_gib"], result["mem_torch_reserved_gib"]
+    passed = result["mem_kind"] == "nvml used" and reserved is not None and 0 < reserved <= used <= total
+    torch_peak = "none" if reserved is None else f"{reserved:.2f} GiB"
+    return check(f"{name}: NVML memory figure", passed,
+                 f"{result['mem_kind']} peak {used:.2f} GiB, torch's peak reserved {torch_peak}, of {total:.2f} GiB")
+
+
 def checks(results: dict) -> list[dict]:
     """What the acceptance run asserts of its runs' results (result.json contents, by run name)."""
     fp32, amp = results["1x1 fp32"], results["1x1 amp"]
-    found = []
+    found = [gpu_nodes_check(fp32)]
     for name, result in results.items():
-        found.append(check(f"{name}: CUDA device", result["mem_kind"] == "cuda",
+        found.append(check(f"{name}: CUDA device", result["mem_kind"] != "cpu rss",
                            f"{', '.join(result['devices'])}; memory {result['mem']} GiB ({result['mem_kind']})"))
-        found.append(check(f"{name}: memory figure", 0 < result["mem_used_gib"] <= result["mem_total_gib"],
-                           f"peak {result['mem_used_gib']:.2f} of {result['mem_total_gib']:.2f} GiB"))
+        found.append(memory_check(name, result))
         ratio = result["p_train"] / result["p_core"]
         found.append(check(f"{name}: p_train / p_core >= {MIN_TRAIN_OVER_CORE}", ratio >= MIN_TRAIN_OVER_CORE,
                            f"{ratio:.3f} (p_train {number(result['p_train'])}, p_core {number(result['p_core'])})"))

@@ -125,6 +125,11 @@ def first_init_time(runs_dir: Path) -> float:
     return min(json.loads(path.read_text())["init_time"] for path in runs_dir.glob("*/result.json"))
 
 
+def memory_kind(runs_dir: Path) -> str:
+    """The kind of the Ray runs' memory figure (see pipeline.metrics.memory), one device for all."""
+    return json.loads(next(runs_dir.glob("*/result.json")).read_text())["mem_kind"]
+
+
 def median_table(runs: dict) -> dict:
     return {variant: {key: statistics.median(r[key] for r in rows) for key in rows[0]}
             for variant, rows in runs.items()}
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                      "images": manifest.num_rows},
         "repeats": args.repeats, "runs": runs, "medians": median_table(runs),
         "init_time": first_init_time(out / "runs"),
-        "mem_kind": "cuda" if config.use_gpu else "cpu rss",
+        "mem_kind": memory_kind(out / "runs"),
         "decode_images_per_s": [statistics.median(rates[i] for rates in decode) for i in (0, 1)],
         "decode_runs": decode,
         "reporting_s_per_step": reporting_cost(out), "evaluation": evaluation_times(out / "eval-set", args.eval_images),

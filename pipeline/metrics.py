@@ -147,14 +147,19 @@ def e2e_time(process_start: float, results_written: float) -> float:
 
 
 def memory(workers: dict) -> dict:
-    """Peak device memory over workers, as the row's "used/total GiB" with its kind: on CUDA the
-    PyTorch allocator's peak reservation of the device; on CPU the worker process's peak RSS
-    against the node's physical memory."""
+    """Peak memory over workers, as the row's "used/total" GiB with its kind (see the workers
+    table of pipeline.records): on a GPU with NVML the device's used memory over its total as
+    NVML counts them, FlagPerf's figure, unlabelled; any other kind labelled with it ("torch
+    reserved": PyTorch's peak reservation, a GPU without NVML; "cpu rss": the worker process's
+    peak RSS over the node's RAM). Beside it PyTorch's peak reservation over workers (None on CPU
+    workers), which is less than NVML's figure by the CUDA context and NCCL's buffers."""
     peak = max(range(len(workers["worker"])), key=lambda i: workers["mem_peak_bytes"][i])
     used, total = workers["mem_peak_bytes"][peak] / GIB, workers["mem_total_bytes"][peak] / GIB
     kind = workers["mem_kind"][peak]
-    label = f"{used:.1f}/{total:.1f}" + ("" if kind == "cuda" else f" ({kind})")
-    return {"mem": label, "mem_used_gib": used, "mem_total_gib": total, "mem_kind": kind}
+    label = f"{used:.1f}/{total:.1f}" + ("" if kind == "nvml used" else f" ({kind})")
+    reserved = workers["mem_torch_reserved_bytes"]
+    return {"mem": label, "mem_used_gib": used, "mem_total_gib": total, "mem_kind": kind,
+            "mem_torch_reserved_gib": None if None in reserved else max(reserved) / GIB}
 
 
 def per_worker(steps: dict, epochs: dict, workers: dict) -> list[dict]:

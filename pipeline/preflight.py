@@ -1,14 +1,20 @@
 """Checks before training, each failing within seconds with what is missing and what exists:
 the data set has enough usable images for the workers, the cluster has the devices and CPUs the
-config asks for, and every node sees the data set and the run's storage."""
+config asks for, every GPU node's driver runs this torch on its GPUs, and every node sees the
+data set and the run's storage."""
 
+import dataclasses
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import pynvml
 import ray
+import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipeline import nvml
 from pipeline.config import Config
 
 CHECK_TIMEOUT_S = 120
@@ -58,6 +64,93 @@ def check_resources(config: Config) -> None:
                              f"the cluster has {_describe(nodes)}")
 
 
+@dataclass(frozen=True)
+class GpuFacts:
+    """What a task given GPUs by Ray finds on its node, as a training worker will."""
+    driver: str | None  # the NVIDIA driver's version, None where NVML cannot be loaded
+    driver_cuda: str | None  # the newest CUDA the driver runs ("12.2")
+    nvml_error: str | None  # why NVML cannot be loaded
+    torch: str  # torch.__version__
+    torch_cuda: str | None  # the CUDA torch was built for (torch.version.cuda)
+    cuda_available: bool
+    devices: int  # CUDA devices torch sees
+    given: int  # GPUs Ray gave the task
+    visible: str | None  # CUDA_VISIBLE_DEVICES as Ray set it
+
+
+# The oldest driver series of each CUDA major version (NVIDIA's CUDA release notes).
+MIN_DRIVER = {12: "R525", 13: "R580"}
+
+
+def major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def gpu_problem(facts: GpuFacts) -> str | None:
+    """What stops the training workers from using the node's GPUs, or None. A driver runs every
+    CUDA runtime of its own major version or older (CUDA's minor version compatibility: 535's
+    CUDA 12.2 runs torch built for 12.6), so only the major versions are compared. Without NVML
+    (no NVIDIA driver library, or a GPU of another vendor that Ray counts as a GPU, MetaX's) the
+    driver cannot be checked, and torch seeing the devices is enough."""
+    wheel, driver = facts.torch_cuda, facts.driver_cuda
+    if wheel and driver and major(driver) < major(wheel):
+        return (f"NVIDIA driver {facts.driver} runs CUDA {driver} at most, torch {facts.torch} is built for CUDA "
+                f"{wheel}: install the same torch built for CUDA {major(driver)}.x (PyTorch's cu{major(driver)}x "
+                f"wheel index; see the README, \"GPU nodes: driver and wheels\") or an NVIDIA driver "
+                f"{MIN_DRIVER.get(major(wheel), 'for CUDA ' + wheel)} or newer")
+    given = f"{facts.given} GPU(s) (CUDA_VISIBLE_DEVICES={facts.visible})"
+    if not facts.cuda_available:
+        driver_said = (f"NVML cannot be loaded ({facts.nvml_error}), so no NVIDIA driver is usable here"
+                       if facts.driver is None else f"NVIDIA driver {facts.driver}, CUDA {driver}")
+        return (f"torch {facts.torch} (CUDA {wheel or 'none: a CPU-only build'}) sees no CUDA device though Ray "
+                f"gave this task {given}; {driver_said}")
+    if facts.devices != facts.given:
+        return f"torch sees {facts.devices} CUDA device(s) where Ray gave this task {given}"
+    return None
+
+
+@ray.remote(num_cpus=0, num_gpus=1)
+def gpu_facts() -> GpuFacts:
+    """The facts of gpu_problem on the node it runs on, given one GPU as each training worker is.
+    Runs only on a GPU node: `frcnn-bench acceptance` runs it for real (its runs call run(), whose
+    preflight this is) and shows what it found in its "GPU nodes" check; the CPU tests run it on a
+    node that advertises a GPU it does not have."""
+    try:
+        (driver, driver_cuda), error = nvml.driver_versions(), None
+    except pynvml.NVMLError as failure:
+        driver, driver_cuda, error = None, None, str(failure)
+    return GpuFacts(driver, driver_cuda, error, torch.__version__, torch.version.cuda, torch.cuda.is_available(),
+                    torch.cuda.device_count(), len(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def node_name(node: dict) -> str:
+    return f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+
+
+def pinned(node: dict) -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+
+
+def check_gpu_nodes() -> list[dict]:
+    """Every GPU node runs this torch on its GPUs (see gpu_problem): Ray counts GPUs through the
+    driver whatever its version, so a driver too old for torch's CUDA would otherwise fail every
+    worker as it builds its model. Returns each node's facts, for result.json ("gpu_nodes")."""
+    nodes = [n for n in alive_nodes() if n["Resources"].get("GPU", 0) > 0]
+    refs = [gpu_facts.options(scheduling_strategy=pinned(n)).remote() for n in nodes]
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=CHECK_TIMEOUT_S)
+    if pending:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        silent = [node_name(n) for n, ref in zip(nodes, refs) if ref in pending]
+        raise PreflightError(f"node(s) {', '.join(silent)} did not answer the GPU check in {CHECK_TIMEOUT_S} s "
+                             "(their GPUs held by other work?)")
+    facts = dict(zip(map(node_name, nodes), ray.get(refs)))
+    problems = [f"node {name}: {problem}" for name, found in facts.items() if (problem := gpu_problem(found))]
+    if problems:
+        raise PreflightError("; ".join(problems))
+    return [{"node": name, **dataclasses.asdict(found)} for name, found in facts.items()]
+
+
 @ray.remote(num_cpus=0)
 def _missing_paths(paths: list[str], marker: str) -> list[str]:
     missing = [p for p in paths if not os.path.exists(p)]
@@ -74,8 +167,7 @@ def check_nodes_see(paths: list[Path], storage: Path) -> None:
     storage.mkdir(parents=True, exist_ok=True)
     marker = storage / f".preflight-{uuid.uuid4().hex}"
     marker.touch()
-    refs = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": _missing_paths.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+    refs = {node_name(n): _missing_paths.options(scheduling_strategy=pinned(n)).remote(
         [str(p) for p in paths], str(marker)) for n in nodes}
     try:
         answers = dict(zip(refs, ray.get(list(refs.values()), timeout=CHECK_TIMEOUT_S)))

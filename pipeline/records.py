@@ -16,8 +16,12 @@ epochs (one row per epoch per worker): worker, epoch, start, end (unix times), w
        the epoch's evaluation (inference, gathering, COCOeval, the stop decision).
        energy_j: the device's energy over the training phase (NVML), None without a counter.
 workers (one row per worker): worker, node (Ray's node id), node_ip, node_rank (Ray
-       Train's, by IP), device, mem_peak_bytes, mem_total_bytes, mem_kind, env (the
-       configured worker_env as the worker process had it).
+       Train's, by IP), device, mem_peak_bytes over mem_total_bytes of mem_kind: "nvml used"
+       (a GPU's used memory as NVML counts it, contexts and NCCL's buffers included, over
+       NVML's total: FlagPerf's figure), "torch reserved" (a GPU without NVML: PyTorch's peak
+       reservation over torch's total) or "cpu rss" (the worker process's peak RSS over the
+       node's RAM); mem_torch_reserved_bytes (PyTorch's peak reservation on a GPU, None on a
+       CPU); env (the configured worker_env as the worker process had it).
 attempts (one row per start of the worker group), bad_images (images left out): see TABLES.
 
 The small tables are JSON lines files (NAME.jsonl); a checkpoint holds them and step_log.json,
@@ -68,7 +72,7 @@ TABLES = {
     "epochs": ("worker", "epoch", "start", "end", "wall_s", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75",
                "energy_j"),
     "workers": ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind",
-                "env"),
+                "mem_torch_reserved_bytes", "env"),
     # One row per start of the worker group. time_lost_s: from the end of the last step kept (or
     # the previous attempt's start) to this start; lost_*: work of the failed attempt not kept.
     "attempts": ("attempt", "start_epoch", "started", "resumed", "lost_steps", "lost_images", "time_lost_s"),

@@ -21,7 +21,7 @@ from pipeline import data, metrics, plots, results, synthetic
 from pipeline.collector import Collector
 from pipeline.config import Config, to_dict
 from pipeline.manifest import build_manifest, split_paths
-from pipeline.preflight import check_data_sizes, check_nodes_see, check_resources
+from pipeline.preflight import check_data_sizes, check_gpu_nodes, check_nodes_see, check_resources
 from pipeline.progress import Progress, quiet_ray_data, quiet_ray_init_options
 from pipeline.records import load_steps, write_tables
 from pipeline.train_loop import LoopConfig, train_loop_per_worker
@@ -150,6 +150,7 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
         print(f"Ray: {connection}; results: {plan.run_dir}", file=progress, flush=True)
     quiet_ray_data(verbose)
     check_resources(config)
+    gpu_nodes = check_gpu_nodes() if config.use_gpu else []
     annotations, images = zip(*plan.paths.values())
     check_nodes_see([p.resolve() for p in (*annotations, *images, *plan.weights)], plan.run_dir.parent)
     # On the driver's node: the run's bookkeeping must not go down with a lost worker node.
@@ -162,7 +163,7 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     ray.kill(collector)
     data_facts = {"root": str(plan.root.resolve()),
                   **{split: stats.__dict__ for split, (_, stats) in plan.manifests.items()}}
-    return write_results(config, plan.run_dir, records, {"process_start": process_start,
+    return write_results(config, plan.run_dir, records, {"process_start": process_start, "gpu_nodes": gpu_nodes,
                                                          "steps_per_epoch": plan.steps_per_epoch, "data": data_facts})
 
 
@@ -212,7 +213,7 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
 def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> dict:
     """The figures from the step log and the tables, result.json, row.md, the tables and the
     plots into the run directory; returns result.json's content. `facts`: process_start,
-    steps_per_epoch and data, as result.json shows them."""
+    steps_per_epoch, data and gpu_nodes (what the GPU check found), as result.json shows them."""
     steps = load_steps(run_dir)
     figures = metrics.figures(steps, records["epochs"], records["workers"], config.target_map)
     epochs = records["epochs"]
@@ -241,6 +242,7 @@ def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> 
         "workers": len(records["workers"]["worker"]),
         "nodes": len(set(records["workers"]["node"])),
         "devices": sorted(set(records["workers"]["device"])),
+        "gpu_nodes": facts["gpu_nodes"],
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "ray": ray.__version__},
         "config": to_dict(config),

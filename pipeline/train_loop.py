@@ -26,8 +26,8 @@ import torch.distributed as dist
 from pipeline import checkpoint, evaluation, step
 from pipeline.collector import StepSender
 from pipeline.config import Config
-from pipeline.energy import energy_meter
 from pipeline.model import build_model
+from pipeline.nvml import UsedMemoryPeak, energy_meter, used_memory_peak
 
 
 @dataclass(frozen=True)
@@ -160,16 +160,24 @@ def cpu_name() -> str:
     return f"CPU ({platform.machine()})"
 
 
-def memory_record(device: torch.device) -> dict:
-    """The worker's device and peak memory. The CUDA branch runs only on GPU workers: the
-    acceptance run checks its figure (a CUDA device, 0 < peak <= total)."""
+def memory_record(device: torch.device, used_memory: UsedMemoryPeak | None) -> dict:
+    """The worker's device and peak memory (its row of the workers table). On CUDA the device's
+    used memory as NVML counts it, over NVML's total ("nvml used", FlagPerf's figure), or where
+    NVML cannot tell, PyTorch's peak reservation over torch's total ("torch reserved"); torch's
+    peak reservation beside it either way. The CUDA branch runs only on GPU workers: the
+    acceptance run checks its figures (torch's peak <= NVML's peak <= the device's total)."""
     if device.type == "cuda":
-        return {"device": torch.cuda.get_device_name(device), "mem_kind": "cuda",
-                "mem_peak_bytes": torch.cuda.max_memory_reserved(device),
-                "mem_total_bytes": torch.cuda.get_device_properties(device).total_memory}
+        reserved = torch.cuda.max_memory_reserved(device)
+        if used_memory is None:
+            kind, (peak, total) = "torch reserved", (reserved, torch.cuda.get_device_properties(device).total_memory)
+        else:
+            kind, (peak, total) = "nvml used", used_memory.stop()
+        return {"device": torch.cuda.get_device_name(device), "mem_kind": kind, "mem_peak_bytes": peak,
+                "mem_total_bytes": total, "mem_torch_reserved_bytes": reserved}
     return {"device": cpu_name(), "mem_kind": "cpu rss",
             "mem_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+            "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "mem_torch_reserved_bytes": None}
 
 
 def torch_threads(config: Config) -> int:
@@ -211,6 +219,7 @@ class Worker:
                              if self.rank == 0 else None)
         self.sender = StepSender(self.collector)
         self.energy = energy_meter(self.device)
+        self.used_memory = used_memory_peak(self.device)  # sampled until finish()
 
     def begin(self) -> bool:
         """Resumes from the run's latest checkpoint, if any; False if the run has already failed
@@ -256,6 +265,6 @@ class Worker:
         ray.get(self.collector.add_worker.remote({
             "worker": self.rank, "node": ray.get_runtime_context().get_node_id(),
             "node_ip": ray.util.get_node_ip_address(), "node_rank": self.context.get_node_rank(),
-            **memory_record(self.device),
+            **memory_record(self.device, self.used_memory),
             # The configured environment as this process actually had it.
             "env": {name: os.environ.get(name) for name in self.config.worker_env}}))

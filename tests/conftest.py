@@ -35,8 +35,10 @@ def free_port() -> int:
 class RayHead:
     """`ray start --head --block` in its own process group; stop() signals that group only."""
 
-    def __init__(self, num_cpus: int, log_dir: Path, **env: str):
-        """`env`: more environment for the head's processes (RAY_AUTH_MODE=token, its token)."""
+    def __init__(self, num_cpus: int, log_dir: Path, num_gpus: int | None = None, **env: str):
+        """`num_gpus`: the GPUs the head advertises, whether it has them or not (default: those
+        Ray finds). `env`: more environment for the head's processes (RAY_AUTH_MODE=token, its token)."""
+        gpus = [] if num_gpus is None else ["--num-gpus", str(num_gpus)]
         self.port, self.dashboard_port = free_port(), free_port()
         self.env = venv_env(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{self.dashboard_port}", **env)
         self.address = f"127.0.0.1:{self.port}"
@@ -46,7 +48,7 @@ class RayHead:
              "--port", str(self.port), "--dashboard-port", str(self.dashboard_port),
              "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
              "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-             "--num-cpus", str(num_cpus), "--disable-usage-stats"],
+             "--num-cpus", str(num_cpus), *gpus, "--disable-usage-stats"],
             # Ray Train's placement-group cleaner asks the state API whether its controller lives;
             # without an address that API picks the cluster started last on this machine, and
             # removes the run's placement group when the actor is not found there.

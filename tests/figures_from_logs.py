@@ -35,6 +35,7 @@ def figures_from_logs(run_dir: Path, target_map: float, process_start: float) ->
     energy = [row["energy_j"] for row in epochs]
     peak = max(workers, key=lambda row: row["mem_peak_bytes"])
     used, total = peak["mem_peak_bytes"] / GIB, peak["mem_total_bytes"] / GIB
+    reserved = [row["mem_torch_reserved_bytes"] for row in workers]
     own = [row["start"] for row in steps if row["start"] >= process_start]
     return {
         "images_trained": images,
@@ -54,7 +55,8 @@ def figures_from_logs(run_dir: Path, target_map: float, process_start: float) ->
         "loss_scale_last": rank0[-1]["loss_scale"],
         "skipped_steps": sum(row["skipped"] for row in rank0),
         "joules_per_image": None if None in energy else sum(energy) / images,
-        "mem": f"{used:.1f}/{total:.1f}" + ("" if peak["mem_kind"] == "cuda" else f" ({peak['mem_kind']})"),
+        "mem": f"{used:.1f}/{total:.1f}" + ("" if peak["mem_kind"] == "nvml used" else f" ({peak['mem_kind']})"),
+        "mem_torch_reserved_gib": None if None in reserved else max(reserved) / GIB,
         "init_time": min(own) - process_start if own else None,
         "map": [row["map"] for row in epochs if row["worker"] == 0][-1],
     }

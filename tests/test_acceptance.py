@@ -17,9 +17,16 @@ from pipeline.model import build_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+GPU_NODE = {"node": "10.0.0.1 (1a2b3c4d)", "driver": "580.95.05", "driver_cuda": "13.0", "nvml_error": None,
+            "torch": "2.14.1+cu130", "torch_cuda": "13.0", "cuda_available": True, "devices": 1, "given": 1,
+            "visible": "0"}
+
+
 def result(**overrides) -> dict:
-    values = {"devices": ["NVIDIA H200"], "mem_kind": "cuda", "mem": "30.1/139.8", "mem_used_gib": 30.1,
-              "mem_total_gib": 139.8, "p_whole": 40.0, "p_train": 45.0, "p_core": 48.0, "init_time": 25.0,
+    # An H200: NVML's used peak and total (143771 MiB), torch's peak reservation below it.
+    values = {"devices": ["NVIDIA H200"], "mem_kind": "nvml used", "mem": "31.2/140.4", "mem_used_gib": 31.2,
+              "mem_total_gib": 140.4, "mem_torch_reserved_gib": 30.1, "gpu_nodes": [GPU_NODE],
+              "p_whole": 40.0, "p_train": 45.0, "p_core": 48.0, "init_time": 25.0,
               "loss_scale_first": 1.0, "loss_scale_last": 1.0, "skipped_steps": 0, "joules_per_image": None,
               "workers": 1, "config_label": "1x1", "e2e_time": 200.0, "map": 0.0,
               "config": {"precision": "fp32", "fix_hp": "bs=16,lr=0.02"}}
@@ -44,21 +51,34 @@ def test_checks_pass_on_good_gpu_results():
     text = acceptance.summary(good_results(), found)
     assert "PASS  1x1 amp: p_core beats fp32's: 85.0 vs 48.0 images/s (1.77x)" in text
     assert "scaling efficiency 0.94" in text and "1x1 amp 4.50 J/image" in text
-    assert "| 1x1 fp32 | 1x1 | fp32 | bs=16,lr=0.02 | 200 | 40.0 | 45.0 | 48.0 | 0.0% | 30.1/139.8 |" in text
+    assert "| 1x1 fp32 | 1x1 | fp32 | bs=16,lr=0.02 | 200 | 40.0 | 45.0 | 48.0 | 0.0% | 31.2/140.4 |" in text
+    assert ("PASS  GPU nodes: driver and wheels: 10.0.0.1 (1a2b3c4d): NVIDIA driver 580.95.05 (CUDA 13.0), "
+            "torch 2.14.1+cu130 (CUDA 13.0), 1 device(s) for 1 GPU(s) given") in text
+    assert ("PASS  1x1 fp32: NVML memory figure: nvml used peak 31.20 GiB, torch's peak reserved 30.10 GiB, "
+            "of 140.40 GiB") in text
 
 
-@pytest.mark.parametrize("run,change,check", [
-    ("1x1 amp", dict(loss_scale_first=65536.0, loss_scale_last=65536.0, skipped_steps=0), "1x1 amp: loss scale moved"),
-    ("1x1 amp", dict(p_core=40.0, p_train=39.0, p_whole=38.0), "1x1 amp: p_core beats fp32's"),
-    ("1x1 fp32", dict(p_train=30.0, p_whole=28.0), "1x1 fp32: p_train / p_core >= 0.9"),
-    ("1x1 fp32", dict(mem_kind="cpu rss", mem="2.0/23.5 (cpu rss)"), "1x1 fp32: CUDA device"),
-    ("1x1 fp32", dict(init_time=None), "1x1 fp32: init_time"),
-    ("1x2 amp", dict(workers=1, config_label="1x1"), "1x2 amp: two workers over NCCL"),
+@pytest.mark.parametrize("run,change,checks", [
+    ("1x1 amp", dict(loss_scale_first=65536.0, loss_scale_last=65536.0, skipped_steps=0),
+     ["1x1 amp: loss scale moved"]),
+    ("1x1 amp", dict(p_core=40.0, p_train=39.0, p_whole=38.0), ["1x1 amp: p_core beats fp32's"]),
+    ("1x1 fp32", dict(p_train=30.0, p_whole=28.0), ["1x1 fp32: p_train / p_core >= 0.9"]),
+    ("1x1 fp32", dict(mem_kind="cpu rss", mem="2.0/23.5 (cpu rss)", mem_used_gib=2.0, mem_total_gib=23.5,
+                      mem_torch_reserved_gib=None), ["1x1 fp32: CUDA device", "1x1 fp32: NVML memory figure"]),
+    # A GPU without NVML: torch's figure, not FlagPerf's.
+    ("1x1 fp32", dict(mem_kind="torch reserved", mem="30.1/139.8 (torch reserved)", mem_used_gib=30.1,
+                      mem_total_gib=139.8), ["1x1 fp32: NVML memory figure"]),
+    # Less than torch holds: not the device's used memory.
+    ("1x1 fp32", dict(mem_used_gib=29.0, mem="29.0/140.4"), ["1x1 fp32: NVML memory figure"]),
+    ("1x2 amp", dict(mem_used_gib=141.0, mem="141.0/140.4"), ["1x2 amp: NVML memory figure"]),
+    ("1x1 fp32", dict(gpu_nodes=[]), ["GPU nodes: driver and wheels"]),
+    ("1x1 fp32", dict(init_time=None), ["1x1 fp32: init_time"]),
+    ("1x2 amp", dict(workers=1, config_label="1x1"), ["1x2 amp: two workers over NCCL"]),
 ])
-def test_each_check_fails_on_its_fault(run, change, check):
+def test_each_check_fails_on_its_fault(run, change, checks):
     results = good_results()
     results[run] = {**results[run], **change}
-    assert failed(acceptance.checks(results)) == [check]
+    assert failed(acceptance.checks(results)) == checks
 
 
 def test_refused_without_cuda(tmp_path):
@@ -100,7 +120,8 @@ def test_the_whole_flow_at_toy_size_on_cpu(ray_head, tmp_path, monkeypatch):
     assert 2.0**16 / amp["loss_scale_last"] == 2 ** amp["skipped_steps"]
     assert fp32["loss_scale_first"] == fp32["loss_scale_last"] == 1.0 and fp32["skipped_steps"] == 0
     # CPU workers: the checks that need a GPU fail, and say why.
-    assert {"1x1 fp32: CUDA device", "1x1 amp: CUDA device"} <= set(failed(found))
+    assert {"GPU nodes: driver and wheels", "1x1 fp32: CUDA device", "1x1 amp: CUDA device",
+            "1x1 amp: NVML memory figure"} <= set(failed(found))
     assert "1x1 amp: loss scale moved" in [c["check"] for c in found]
     text = (tmp_path / "acceptance.md").read_text()
     assert "FAIL  1x1 fp32: CUDA device: CPU (" in text and "no counter (null)" in text

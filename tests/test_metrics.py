@@ -46,9 +46,12 @@ WORKERS = {
     "node_ip": ["10.0.0.1", "10.0.0.2"],
     "node_rank": [0, 1],
     "device": ["NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-40GB"],
+    # NVML's used memory over NVML's total (an A100-40GB's 40960 MiB; torch's total is 39.4 GiB),
+    # and PyTorch's peak reservation, less by the CUDA context and NCCL's buffers.
     "mem_peak_bytes": [5 * GIB, int(7.9 * GIB)],
     "mem_total_bytes": [40 * GIB, 40 * GIB],
-    "mem_kind": ["cuda", "cuda"],
+    "mem_kind": ["nvml used", "nvml used"],
+    "mem_torch_reserved_bytes": [int(4.25 * GIB), 7 * GIB],
     "env": [{"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "1"}],
 }
 
@@ -120,21 +123,31 @@ def test_e2e_time():
     assert metrics.e2e_time(1000.0, 1123.5) == 123.5
 
 
-def test_memory_on_cuda_is_the_peak_worker():
+def test_memory_on_a_gpu_is_nvml_used_of_the_peak_worker_with_torchs_beside_it():
     memory = metrics.memory(WORKERS)
-    assert memory["mem"] == "7.9/40.0"
+    assert memory["mem"] == "7.9/40.0"  # FlagPerf's figure: unlabelled
     assert memory["mem_used_gib"] == pytest.approx(7.9)
     assert memory["mem_total_gib"] == 40.0
-    assert memory["mem_kind"] == "cuda"
+    assert memory["mem_kind"] == "nvml used"
+    assert memory["mem_torch_reserved_gib"] == 7.0
+
+
+def test_memory_on_a_gpu_without_nvml_is_torchs_labelled_so():
+    workers = {**WORKERS, "mem_peak_bytes": [int(4.25 * GIB), 7 * GIB], "mem_total_bytes": [int(39.4 * GIB)] * 2,
+               "mem_kind": ["torch reserved", "torch reserved"]}
+    memory = metrics.memory(workers)
+    assert memory["mem"] == "7.0/39.4 (torch reserved)"
+    assert memory["mem_kind"] == "torch reserved" and memory["mem_torch_reserved_gib"] == 7.0
 
 
 def test_memory_on_cpu_names_its_kind():
     workers = {**WORKERS, "mem_peak_bytes": [int(1.5 * GIB), 1 * GIB], "mem_total_bytes": [16 * GIB, 16 * GIB],
-               "mem_kind": ["cpu rss", "cpu rss"]}
+               "mem_kind": ["cpu rss", "cpu rss"], "mem_torch_reserved_bytes": [None, None]}
     memory = metrics.memory(workers)
     assert memory["mem"] == "1.5/16.0 (cpu rss)"
     assert memory["mem"].endswith(" (cpu rss)")
     assert memory["mem_kind"] == "cpu rss"
+    assert memory["mem_torch_reserved_gib"] is None
 
 
 def test_per_worker_shows_the_straggler():

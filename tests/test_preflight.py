@@ -1,14 +1,17 @@
-"""Preflight on a real Ray head (127.0.0.1, 5 CPUs, no GPU): bounded, explicit failures."""
+"""Preflight on a real Ray head (127.0.0.1, 5 CPUs, no GPU): bounded, explicit failures; the GPU
+nodes' check decided on the facts of real drivers and wheels, and run on a head that advertises a
+GPU it does not have."""
 
 import subprocess
 import sys
 
 import pytest
 
-from conftest import venv_env
+from conftest import RayHead, venv_env
 from pipeline import synthetic
 from pipeline.config import resolve
-from pipeline.preflight import PreflightError, check_nodes_see
+from pipeline.nvml import cuda_version
+from pipeline.preflight import GpuFacts, PreflightError, check_gpu_nodes, check_nodes_see, gpu_problem
 from pipeline.run import run
 
 
@@ -68,3 +71,75 @@ def test_every_node_must_see_data_and_storage(ray_head, tmp_path):
     with pytest.raises(PreflightError, match=rf"node [\d.]+ \(\w{{8}}\) lacks {missing}$"):
         check_nodes_see([tmp_path, missing], tmp_path / "storage")
     assert not list((tmp_path / "storage").iterdir()), "the marker file is removed"
+
+
+def facts(**changes) -> GpuFacts:
+    """A node with driver 580.95.05 (CUDA 13.0) and torch 2.14.1's default wheel, CUDA 13.0, as a
+    task given one GPU by Ray sees it; `changes` as GpuFacts' fields."""
+    fine = dict(driver="580.95.05", driver_cuda="13.0", nvml_error=None, torch="2.14.1+cu130", torch_cuda="13.0",
+                cuda_available=True, devices=1, given=1, visible="3")
+    return GpuFacts(**{**fine, **changes})
+
+
+# torch's default wheel on an R535 driver, as it is there: torch.cuda finds no device.
+OLD_DRIVER = dict(driver="535.183.01", driver_cuda="12.2", cuda_available=False, devices=0)
+
+
+def test_nvml_cuda_versions_read_as_text():
+    assert [cuda_version(n) for n in (12020, 12040, 13000)] == ["12.2", "12.4", "13.0"]
+
+
+def test_a_driver_for_the_wheels_cuda_passes():
+    assert gpu_problem(facts()) is None
+    # CUDA's minor version compatibility: R535 (CUDA 12.2) runs torch built for CUDA 12.6.
+    assert gpu_problem(facts(driver="535.183.01", driver_cuda="12.2", torch="2.14.1+cu126", torch_cuda="12.6")) is None
+
+
+@pytest.mark.parametrize("driver,driver_cuda", [("535.183.01", "12.2"), ("570.133.20", "12.8")])
+def test_a_driver_too_old_for_the_wheels_is_refused_with_what_to_do(driver, driver_cuda):
+    problem = gpu_problem(facts(**{**OLD_DRIVER, "driver": driver, "driver_cuda": driver_cuda}))
+    assert problem == (f"NVIDIA driver {driver} runs CUDA {driver_cuda} at most, torch 2.14.1+cu130 is built for CUDA "
+                       "13.0: install the same torch built for CUDA 12.x (PyTorch's cu12x wheel index; see the README, "
+                       '"GPU nodes: driver and wheels") or an NVIDIA driver R580 or newer')
+
+
+def test_no_nvml_is_said_when_torch_sees_no_device():
+    problem = gpu_problem(facts(driver=None, driver_cuda=None, nvml_error="NVML Shared Library Not Found",
+                                cuda_available=False, devices=0))
+    assert problem == ("torch 2.14.1+cu130 (CUDA 13.0) sees no CUDA device though Ray gave this task 1 GPU(s) "
+                       "(CUDA_VISIBLE_DEVICES=3); NVML cannot be loaded (NVML Shared Library Not Found), so no NVIDIA "
+                       "driver is usable here")
+    # A GPU that Ray counts without NVML (MetaX's) and torch uses: nothing to refuse.
+    assert gpu_problem(facts(driver=None, driver_cuda=None, nvml_error="NVML Shared Library Not Found")) is None
+
+
+def test_no_cuda_device_for_torch_though_ray_gave_a_gpu():
+    assert gpu_problem(facts(cuda_available=False, devices=0)) == (
+        "torch 2.14.1+cu130 (CUDA 13.0) sees no CUDA device though Ray gave this task 1 GPU(s) "
+        "(CUDA_VISIBLE_DEVICES=3); NVIDIA driver 580.95.05, CUDA 13.0")
+    assert "(CUDA none: a CPU-only build) sees no CUDA device" in gpu_problem(
+        facts(torch="2.14.1+cpu", torch_cuda=None, cuda_available=False, devices=0))
+
+
+def test_more_devices_than_ray_gave_are_refused():
+    # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES set on the node: each worker would see all 8.
+    assert gpu_problem(facts(devices=8, visible=None)) == (
+        "torch sees 8 CUDA device(s) where Ray gave this task 1 GPU(s) (CUDA_VISIBLE_DEVICES=None)")
+
+
+def test_the_gpu_check_runs_on_each_gpu_node_and_names_it(tmp_path):
+    """A head that advertises a GPU this machine does not have: the check's task is pinned there,
+    given the GPU, finds no driver, and the node is named with what it found."""
+    import ray
+
+    ray.shutdown()
+    head = RayHead(num_cpus=1, num_gpus=1, log_dir=tmp_path)
+    try:
+        ray.init(address=head.address)
+        with pytest.raises(PreflightError, match=r"^node [\d.]+ \(\w{8}\): torch \S+ \(CUDA [\d.]+\) sees no CUDA "
+                                                 r"device though Ray gave this task 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=0\); "
+                                                 r"NVML cannot be loaded \(.+\), so no NVIDIA driver is usable here$"):
+            check_gpu_nodes()
+    finally:
+        ray.shutdown()
+        head.stop()

@@ -49,6 +49,7 @@ def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
     assert 0 <= saved["padding_share"] < 1 and 0 < saved["data_wait_share"] < 1
     assert 0 < saved["init_time"] < saved["e2e_time"]
     assert 0 <= saved["map"] <= 1 and saved["mem"].endswith("(cpu rss)")
+    assert saved["mem_torch_reserved_gib"] is None and saved["gpu_nodes"] == []  # CPU workers: no GPU check
 
     # Every figure recomputed from the raw logs, without pipeline.metrics, equals result.json's.
     assert_figures_match(run_dir)
