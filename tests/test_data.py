@@ -2,7 +2,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline import data
-from pipeline.manifest import SCHEMA
+from pipeline.manifest import FOLDER_KEY, SCHEMA
 
 
 def test_ray_data_stream_keeps_sizes_and_reshuffles(ray_head, tiny_coco):
@@ -14,7 +14,7 @@ def test_ray_data_stream_keeps_sizes_and_reshuffles(ray_head, tiny_coco):
     manifest = pa.table({"image_id": list(range(len(files))), "path": [str(f) for f in files],
                          "width": [sizes[i][0] for i in sizes], "height": [sizes[i][1] for i in sizes],
                          "boxes": [[0, 0, 4, 4] * (i % 3) for i in sizes], "labels": [[1] * (i % 3) for i in sizes]},
-                        schema=SCHEMA)
+                        schema=SCHEMA.with_metadata({FOLDER_KEY: str(tiny_coco / "train2017")}))
     stream = data.train_dataset(manifest, seed=0, decode_batch_size=2, aspect_group_factor=3)
     orders = []
     for _ in range(3):
