@@ -10,6 +10,7 @@ would train on what is not in the data set.
 Decoded images are CHW uint8 arrays of their own size; boxes are (N, 4) float32 xyxy.
 """
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -65,6 +66,22 @@ def read_image(path: str, width: int | None = None, height: int | None = None,
     return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
 
 
+@contextlib.contextmanager
+def reading_reported(collector, split: str, paths: list[str]):
+    """Tells the collector which files of the split this task is about to read and, however it
+    ends, that it is done with them, so that a worker whose stream stalls can name the files
+    still being read (pipeline.train_loop.stalls_end_the_run). Two fire-and-forget actor calls
+    per decode batch: cheap next to decoding its images. Without a collector, nothing is told."""
+    if collector is None:
+        yield
+        return
+    collector.reading.remote(split, paths)
+    try:
+        yield
+    finally:
+        collector.read.remote(split, paths)
+
+
 def decode_batch(batch: dict, folder: str, split: str = "train", collector=None, max_bad_images: int = 0) -> dict:
     """Read and decode a batch of manifest rows, whose files must be in the split's `folder`;
     drops the path and flattened box columns.
@@ -73,20 +90,21 @@ def decode_batch(batch: dict, folder: str, split: str = "train", collector=None,
     per split and file); more than `max_bad_images` in a split stops the run."""
     keep, images = [], []
     paths = [str(path) for path in batch["path"]]
-    for i, (image_id, path, width, height) in enumerate(zip(batch["image_id"], paths, batch["width"],
-                                                            batch["height"])):
-        try:
-            images.append(read_image(path, int(width), int(height), folder))
-            keep.append(i)
-        except UnusableImage as error:
-            if collector is None:
-                raise UnusableImage(f"{path}: {error}") from None
-            import ray  # here, not at the top: the baseline reads images without Ray
+    with reading_reported(collector, split, paths):
+        for i, (image_id, path, width, height) in enumerate(zip(batch["image_id"], paths, batch["width"],
+                                                                batch["height"])):
+            try:
+                images.append(read_image(path, int(width), int(height), folder))
+                keep.append(i)
+            except UnusableImage as error:
+                if collector is None:
+                    raise UnusableImage(f"{path}: {error}") from None
+                import ray  # here, not at the top: the baseline reads images without Ray
 
-            count = ray.get(collector.add_bad_image.remote(split, int(image_id), path, str(error)))
-            if count > max_bad_images:
-                raise TooManyBadImages(f"{count} {split} images could not be used, more than max_bad_images="
-                                       f"{max_bad_images}; the latest: {path}: {error}") from None
+                count = ray.get(collector.add_bad_image.remote(split, int(image_id), path, str(error)))
+                if count > max_bad_images:
+                    raise TooManyBadImages(f"{count} {split} images could not be used, more than max_bad_images="
+                                           f"{max_bad_images}; the latest: {path}: {error}") from None
     return {
         "image_id": batch["image_id"][keep],
         "image": images,

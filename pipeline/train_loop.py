@@ -15,6 +15,7 @@ import resource
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,15 +56,20 @@ def to_tensors(batch: dict, device: torch.device) -> tuple[list[int], list[torch
     return [int(i) for i in batch["image_id"]], images, targets
 
 
+class StreamStalled(RuntimeError):
+    """No batch came from a data stream for stall_timeout_s (see stalls_end_the_run)."""
+
+
 class Prefetched:
-    """An epoch of the training stream, pulled by a background thread from the moment it is made,
-    so that the stream fills while the worker builds its model or evaluates the previous epoch
-    instead of when the first step asks for a batch."""
+    """A pass over a stream (an epoch of the training shard, the val shard), pulled by a background
+    thread from the moment it is made, so that the stream fills while the worker builds its model
+    or evaluates the previous epoch instead of when the first step asks for a batch. A batch is
+    waited for at most stall_timeout_s: a read that never returns then raises, it does not hang."""
 
     _END = object()
 
     def __init__(self, shard, config: Config, device: torch.device):
-        self.queue, self.device = queue.Queue(maxsize=1), device
+        self.queue, self.device, self.timeout = queue.Queue(maxsize=1), device, config.stall_timeout_s
         batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                      prefetch_batches=config.prefetch_batches)
         threading.Thread(target=self._pull, args=(batches,), daemon=True).start()
@@ -73,28 +79,75 @@ class Prefetched:
             for batch in batches:
                 self.queue.put(batch)
             self.queue.put(self._END)
-        except BaseException as error:  # handed to the training thread, which raises it
+        except BaseException as error:  # handed to the consuming thread, which raises it
             self.queue.put(error)
 
-    def next(self) -> tuple[list, list] | None:
-        """The next batch's (images, targets), None at the end of the epoch."""
-        item = self.queue.get()
+    def batch(self) -> dict | None:
+        """The next numpy batch, None at the end of the pass."""
+        try:
+            item = self.queue.get(timeout=self.timeout)
+        except queue.Empty:
+            raise StreamStalled(f"no batch for {self.timeout:g} s (--stall-timeout-s)") from None
         if isinstance(item, BaseException):
             raise item
-        return None if item is self._END else to_tensors(item, self.device)[1:]
+        return None if item is self._END else item
+
+    def next(self) -> tuple[list, list] | None:
+        """The next training batch's (images, targets), None at the end of the epoch."""
+        batch = self.batch()
+        return None if batch is None else to_tensors(batch, self.device)[1:]
+
+
+# A stalled stream's error names this many of the files being read, and counts the others.
+FILES_NAMED = 3
+
+
+def files_read(collector, split: str) -> str:
+    """The files of the split that decode tasks began and have not finished reading, as the
+    collector has them: a task reports its decode batch whole, so the file that blocks is one of
+    its batch's, the earliest named first."""
+    files = ray.get(collector.files_being_read.remote(split))
+    if not files:
+        return "no decode task was reading a file"
+    more = f" and {len(files) - FILES_NAMED} more" if len(files) > FILES_NAMED else ""
+    return f"decode tasks were reading {', '.join(files[:FILES_NAMED])}{more}"
+
+
+@contextlib.contextmanager
+def stalls_end_the_run(collector, split: str, epoch: int, worker: int):
+    """A StreamStalled inside ends the run, however many restarts are left (collector.stop): a
+    restart would read the same storage, and a stall that persists would hold the run another
+    stall_timeout_s on every attempt; once the storage answers, a rerun with the same run name
+    resumes from the last checkpoint. The error names the split, the epoch and the files that
+    the split's decode tasks, on whichever node, said they were reading (files_read); the worker
+    is named by Ray Train's failure line."""
+    try:
+        yield
+    except StreamStalled as error:
+        message = f"the {split} stream of epoch {epoch} gave {error}; {files_read(collector, split)}"
+        ray.get(collector.stop.remote(f"worker {worker}: StreamStalled: {message}"))
+        raise StreamStalled(message) from None
+
+
+def watched(batches: Prefetched, collector, split: str, epoch: int, worker: int) -> Iterator[dict]:
+    """The pass's numpy batches; a stall ends the run (stalls_end_the_run)."""
+    with stalls_end_the_run(collector, split, epoch, worker):
+        while (batch := batches.batch()) is not None:
+            yield batch
 
 
 def train_one_epoch(training: step.Training, batches: Prefetched, sender: StepSender, worker: int, epoch: int,
                     steps_per_epoch: int) -> None:
     training.model.train()
     steps = 0
-    for row in training.epoch(batches.next, worker, epoch, steps_per_epoch):
-        if not math.isfinite(row.loss):
-            reason = f"loss is {row.loss} at epoch {epoch} step {row.step} on worker {worker}"
-            ray.get(sender.collector.stop.remote(f"worker {worker}: NonFiniteLoss: {reason}"))
-            raise NonFiniteLoss(reason)
-        sender.add(row)
-        steps += 1
+    with stalls_end_the_run(sender.collector, "train", epoch, worker):
+        for row in training.epoch(batches.next, worker, epoch, steps_per_epoch):
+            if not math.isfinite(row.loss):
+                reason = f"loss is {row.loss} at epoch {epoch} step {row.step} on worker {worker}"
+                ray.get(sender.collector.stop.remote(f"worker {worker}: NonFiniteLoss: {reason}"))
+                raise NonFiniteLoss(reason)
+            sender.add(row)
+            steps += 1
     if steps == 0:
         raise RuntimeError(f"worker {worker} got no training batch in epoch {epoch}")
 
@@ -104,12 +157,13 @@ def infer_shard(model, shard, config: Config, device: torch.device, collector, r
                 epoch: int) -> tuple[list[int], list[dict]]:
     """This worker's share of the val stream -> (image ids seen, COCO detections). In fp32 whatever
     the training precision, as torchvision's reference evaluates: bf16 box coordinates would be
-    off by pixels. How far it got goes to the collector every 2 s, for the progress display."""
+    off by pixels. How far it got goes to the collector every 2 s, for the progress display. The
+    stream is pulled as the training one is (Prefetched), so that a stalled val stream ends the
+    run too."""
     model.eval()
     seen, detections = [], []
     told = time.time()
-    for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
-                                    prefetch_batches=config.prefetch_batches):
+    for batch in watched(Prefetched(shard, config, device), collector, "val", epoch, rank):
         image_ids, images, targets = to_tensors(batch, device)
         images, _ = step.to_device(images, targets, device)
         outputs = model(images)

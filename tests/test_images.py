@@ -1,5 +1,6 @@
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -130,6 +131,28 @@ def test_a_symlinked_split_folder_is_read(tiny_coco, tmp_path):
     for row in manifest.to_pylist():
         image = images.read_image(row["path"], row["width"], row["height"], image_folder(manifest))
         assert image.shape == (3, row["height"], row["width"])
+
+
+class Recorder:
+    """Stands in for the collector's actor handle: records the calls made with .remote()."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, method):
+        return types.SimpleNamespace(remote=lambda *args: self.calls.append((method, *args)))
+
+
+def test_decode_batch_tells_the_collector_what_it_reads(tiny_coco):
+    files = sorted((tiny_coco / "val2017").glob("*.jpg"))[:2]
+    batch = {"image_id": np.array([1, 2]), "path": np.array([str(f) for f in files], dtype=object),
+             "width": np.array([Image.open(f).width for f in files]),
+             "height": np.array([Image.open(f).height for f in files]),
+             "boxes": [np.zeros(0, np.float32)] * 2, "labels": [np.array([], np.int64)] * 2}
+    collector = Recorder()
+    images.decode_batch(batch, str(tiny_coco / "val2017"), "val", collector)
+    paths = [str(f) for f in files]
+    assert collector.calls == [("reading", "val", paths), ("read", "val", paths)]
 
 
 def test_decoding_needs_no_torch():
