@@ -25,6 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from pipeline import images, step
 from pipeline.config import Config
+from pipeline.manifest import image_folder
 from pipeline.model import build_model
 from pipeline.records import StepRow, step_columns
 
@@ -33,14 +34,14 @@ class CocoDetectionDataset(Dataset):
     """One manifest row -> (CHW uint8 image tensor, target), flipped at random like the stream."""
 
     def __init__(self, manifest: pa.Table):
-        self.rows = manifest.to_pylist()
+        self.rows, self.folder = manifest.to_pylist(), image_folder(manifest)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int):
         row = self.rows[index]
-        image = images.read_image(row["path"], row["width"], row["height"])
+        image = images.read_image(row["path"], row["width"], row["height"], self.folder)
         boxes = np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)
         if np.random.random() < 0.5:
             image, boxes = np.ascontiguousarray(image[:, :, ::-1]), images.flip_boxes(boxes, image.shape[2])

@@ -37,6 +37,8 @@ class Collector:
         self.tables = empty_records()  # "steps": only those of epochs not yet in the step log
         self.step_log: dict[int, dict] = {}  # the step log's index: epoch -> rows, images, last_end
         self.fatal = ""
+        # split -> the files its decode tasks are reading (a dict for its order: the earliest begun first)
+        self.being_read: dict[str, dict] = collections.defaultdict(dict)
         self._reset_live(start_epoch=0)
 
     def _reset_live(self, start_epoch: int) -> None:
@@ -46,7 +48,8 @@ class Collector:
         self.evaluated: dict[int, tuple] = {}  # worker -> (epoch, val images inferred so far)
 
     def stop(self, reason: str) -> None:
-        """A failure that a restart cannot mend (a non-finite loss): attempts after it end at once."""
+        """A failure that a restart cannot mend (a non-finite loss, a stalled stream): attempts after
+        it end at once."""
         self.fatal = reason
 
     def fatal_error(self) -> str:
@@ -114,6 +117,20 @@ class Collector:
         bad = self.tables["bad_images"]
         return {i: f"{path}: {reason}" for s, i, path, reason in zip(bad["split"], bad["image_id"], bad["path"],
                                                                     bad["reason"]) if s == split}
+
+    def reading(self, split: str, paths: list[str]) -> None:
+        """A decode task is about to read these files (pipeline.images.reading_reported)."""
+        self.being_read[split].update(dict.fromkeys(paths))
+
+    def read(self, split: str, paths: list[str]) -> None:
+        """The decode task that was reading these files is done with them."""
+        for path in paths:
+            self.being_read[split].pop(path, None)
+
+    def files_being_read(self, split: str) -> list[str]:
+        """The split's files that a decode task began and did not finish reading, the earliest begun
+        first: where a stalled stream waits."""
+        return list(self.being_read[split])
 
     def write_steps(self, epoch: int) -> dict:
         """The epoch's step rows (every worker's, all with the actor) to the run's step log, and

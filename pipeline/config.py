@@ -110,6 +110,11 @@ class Config:
     aspect_group_factor: int = 3
     decode_batch_size: int = 8  # Images per Ray Data decode task batch.
     prefetch_batches: int = 4  # Batches each worker prefetches from its stream.
+    # Seconds a worker waits for its next training or val batch before the run stops, naming the
+    # stream and the files being read (a read that never returns: a stalled mount). A run's first
+    # batch takes 2 to 7 s on one machine (docs/performance.md), minutes where the cluster must
+    # first start a node for Ray Data's tasks; 600 s leaves room for that and ends a hang in 10 min.
+    stall_timeout_s: float = 600.0
 
     def validate(self) -> "Config":
         problems = []
@@ -137,6 +142,8 @@ class Config:
             problems.append(f"placement_strategy must be one of {', '.join(PLACEMENTS)}, got {self.placement_strategy!r}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
+        if self.stall_timeout_s <= 0:
+            problems.append(f"stall_timeout_s must be positive, got {self.stall_timeout_s}")
         if self.clip_grad_norm < 0:
             problems.append(f"clip_grad_norm must be 0 (off) or positive, got {self.clip_grad_norm}")
         if problems:

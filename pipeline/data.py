@@ -14,6 +14,7 @@ from ray.data import RandomSeedConfig
 from ray.train import DataConfig
 
 from pipeline.images import decode_batch, group_by_aspect, random_flip
+from pipeline.manifest import image_folder
 
 # Manifest rows per block: enough blocks for parallel decoding, few enough for a cheap shuffle.
 ROWS_PER_BLOCK = 64
@@ -41,13 +42,14 @@ def train_dataset(manifest: pa.Table, seed: int, decode_batch_size: int, aspect_
                                         fn_kwargs={"factor": aspect_group_factor})
     return (shuffled
             .map_batches(decode_batch, batch_size=decode_batch_size,
-                         fn_kwargs={"split": "train", "collector": collector, "max_bad_images": max_bad_images})
+                         fn_kwargs={"folder": image_folder(manifest), "split": "train", "collector": collector,
+                                    "max_bad_images": max_bad_images})
             .map_batches(random_flip, batch_size=decode_batch_size))
 
 
 def val_dataset(manifest: pa.Table, decode_batch_size: int, collector=None, max_bad_images: int = 0) -> ray.data.Dataset:
     return _blocks(manifest).map_batches(decode_batch, batch_size=decode_batch_size, fn_kwargs={
-        "split": "val", "collector": collector, "max_bad_images": max_bad_images})
+        "folder": image_folder(manifest), "split": "val", "collector": collector, "max_bad_images": max_bad_images})
 
 
 class ShardingConfig(DataConfig):

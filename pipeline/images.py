@@ -3,8 +3,17 @@ read and decode, flip, group by aspect ratio. Only numpy and Pillow here, so tha
 process starts in a fraction of a second (importing torch there would cost seconds before the
 first batch of a run), and Ray only where an unusable image is recorded with the collector.
 
+Only a regular file inside its split's folder is opened: a FIFO or a device can block `open` or
+`read` for ever, and a file_name that leaves the folder (../x.jpg, an absolute path elsewhere)
+would train on what is not in the data set.
+
 Decoded images are CHW uint8 arrays of their own size; boxes are (N, 4) float32 xyxy.
 """
+
+import contextlib
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -18,13 +27,28 @@ class TooManyBadImages(RuntimeError):
     pass
 
 
-def read_image(path: str, width: int | None = None, height: int | None = None) -> np.ndarray:
+def check_openable(path: str, folder: str | None) -> None:
+    """Raises UnusableImage unless `path` is inside `folder` (when given) and a regular file.
+    Inside is lexical, on the normalised path (so ../ and absolute file_names that leave the
+    folder are outside, and nothing is read to decide); a symlinked folder or image is fine, and
+    stat follows links, so a link to a FIFO is no regular file. A missing file raises stat's
+    FileNotFoundError, which read_image turns into "file not found"."""
+    if folder is not None and not Path(os.path.normpath(path)).is_relative_to(os.path.normpath(folder)):
+        raise UnusableImage(f"outside the split's folder {Path(folder).name}/")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise UnusableImage("not a regular file")  # a FIFO would block the open, a device the read
+
+
+def read_image(path: str, width: int | None = None, height: int | None = None,
+               folder: str | None = None) -> np.ndarray:
     """An image file (JPEG or anything Pillow reads, whatever its name says) as a CHW uint8 RGB
     array; grayscale, palette and CMYK images become RGB. With the annotations' width and height:
     the stored pixels are used when their size matches (as torchvision's reference reads COCO,
     ignoring EXIF); else the image turned upright as its EXIF orientation says, when that size
-    matches; else the image is unusable (its boxes would not fit it)."""
+    matches; else the image is unusable (its boxes would not fit it). With its split's `folder`,
+    a file outside it is unusable (see check_openable)."""
     try:
+        check_openable(path, folder)
         with Image.open(path) as image:
             image.load()
             if width is not None and image.size != (width, height):
@@ -42,26 +66,45 @@ def read_image(path: str, width: int | None = None, height: int | None = None) -
     return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
 
 
-def decode_batch(batch: dict, split: str = "train", collector=None, max_bad_images: int = 0) -> dict:
-    """Read and decode a batch of manifest rows; drops the path and flattened box columns.
+@contextlib.contextmanager
+def reading_reported(collector, split: str, paths: list[str]):
+    """Tells the collector which files of the split this task is about to read and, however it
+    ends, that it is done with them, so that a worker whose stream stalls can name the files
+    still being read (pipeline.train_loop.stalls_end_the_run). Two fire-and-forget actor calls
+    per decode batch: cheap next to decoding its images. Without a collector, nothing is told."""
+    if collector is None:
+        yield
+        return
+    collector.reading.remote(split, paths)
+    try:
+        yield
+    finally:
+        collector.read.remote(split, paths)
+
+
+def decode_batch(batch: dict, folder: str, split: str = "train", collector=None, max_bad_images: int = 0) -> dict:
+    """Read and decode a batch of manifest rows, whose files must be in the split's `folder`;
+    drops the path and flattened box columns.
 
     An unusable image raises, or, with a collector, is left out and recorded there (once
     per split and file); more than `max_bad_images` in a split stops the run."""
     keep, images = [], []
-    for i, (image_id, path, width, height) in enumerate(zip(batch["image_id"], batch["path"], batch["width"],
-                                                            batch["height"])):
-        try:
-            images.append(read_image(path, int(width), int(height)))
-            keep.append(i)
-        except UnusableImage as error:
-            if collector is None:
-                raise UnusableImage(f"{path}: {error}") from None
-            import ray  # here, not at the top: the baseline reads images without Ray
+    paths = [str(path) for path in batch["path"]]
+    with reading_reported(collector, split, paths):
+        for i, (image_id, path, width, height) in enumerate(zip(batch["image_id"], paths, batch["width"],
+                                                                batch["height"])):
+            try:
+                images.append(read_image(path, int(width), int(height), folder))
+                keep.append(i)
+            except UnusableImage as error:
+                if collector is None:
+                    raise UnusableImage(f"{path}: {error}") from None
+                import ray  # here, not at the top: the baseline reads images without Ray
 
-            count = ray.get(collector.add_bad_image.remote(split, int(image_id), str(path), str(error)))
-            if count > max_bad_images:
-                raise TooManyBadImages(f"{count} {split} images could not be used, more than max_bad_images="
-                                       f"{max_bad_images}; the latest: {path}: {error}") from None
+                count = ray.get(collector.add_bad_image.remote(split, int(image_id), path, str(error)))
+                if count > max_bad_images:
+                    raise TooManyBadImages(f"{count} {split} images could not be used, more than max_bad_images="
+                                           f"{max_bad_images}; the latest: {path}: {error}") from None
     return {
         "image_id": batch["image_id"][keep],
         "image": images,

@@ -1,7 +1,8 @@
 """COCO annotations -> a manifest: a pyarrow table with one row per image.
 
 Columns: image_id, path, width, height, boxes (float32 xyxy, 4 values per box, flattened),
-labels (COCO category ids, which are the model's class indices). The rules follow
+labels (COCO category ids, which are the model's class indices); its schema's metadata keeps
+the image folder (`image_folder`), outside which no path may lead. The rules follow
 torchvision's references/detection/coco_utils.py: crowd annotations are left out, COCO's
 xywh boxes become xyxy clamped to the image, boxes without positive width and height are
 dropped, and (for training) images left without a box are dropped and counted. No masks.
@@ -39,6 +40,7 @@ REQUIRED_KEYS = {"images": ("id", "file_name", "width", "height"),
                  "annotations": ("id", "image_id", "category_id", "bbox"),
                  "categories": ("id",)}
 NOUNS = {"images": "image", "annotations": "annotation", "categories": "category"}
+FOLDER_KEY = "image_folder"
 
 
 class AnnotationError(ValueError):
@@ -52,6 +54,12 @@ class ManifestStats:
     dropped_without_boxes: int  # training images left without a box
     crowd_boxes: int  # crowd annotations left out
     degenerate_boxes: int  # boxes without positive width and height after clamping
+
+
+def image_folder(manifest: pa.Table) -> str:
+    """The folder the manifest's images must be in: its split's, resolved as in the paths (so a
+    symlinked split folder is the folder it links to)."""
+    return manifest.schema.metadata[FOLDER_KEY.encode()].decode()
 
 
 def split_paths(data_root: str | Path, split: str) -> tuple[Path, Path]:
@@ -214,6 +222,7 @@ def build_manifest(annotation_file: str | Path, image_dir: str | Path, drop_empt
     }, schema=SCHEMA)
     if drop_empty:
         table = table.filter(pa.array(counts > 0))
+    table = table.replace_schema_metadata({FOLDER_KEY: str(image_dir)})
     stats = ManifestStats(images=len(images), kept=table.num_rows, dropped_without_boxes=len(images) - table.num_rows,
                           crowd_boxes=int(crowd.sum()), degenerate_boxes=int((~usable).sum()))
     return table, stats

@@ -15,6 +15,7 @@ import resource
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,46 +57,115 @@ def to_tensors(batch: dict) -> tuple[list[int], list[torch.Tensor], list[dict]]:
     return [int(i) for i in batch["image_id"]], images, targets
 
 
+class StreamStalled(RuntimeError):
+    """No batch came from a data stream for stall_timeout_s (see stalls_end_the_run)."""
+
+
 class Prefetched:
-    """An epoch of the training stream, pulled by a background thread from the moment it is made,
-    so that the stream fills while the worker builds its model or evaluates the previous epoch
-    instead of when the first step asks for a batch."""
+    """A pass over a stream (an epoch of the training shard, the val shard), pulled by a background
+    thread from the moment it is made, so that the stream fills while the worker builds its model
+    or evaluates the previous epoch instead of when the first step asks for a batch. A batch is
+    waited for at most stall_timeout_s: a read that never returns then raises, it does not hang.
+    `stop` ends a pass that will not be consumed (the next epoch of a run that just converged)."""
 
     _END = object()
 
-    def __init__(self, shard, config: Config, device: torch.device):
-        self.queue, self.device = queue.Queue(maxsize=1), device
+    def __init__(self, shard, config: Config):
+        self.queue, self.timeout, self.stopped = queue.Queue(maxsize=1), config.stall_timeout_s, threading.Event()
         batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                      prefetch_batches=config.prefetch_batches)
-        threading.Thread(target=self._pull, args=(batches,), daemon=True).start()
+        threading.Thread(target=self._pull, args=(iter(batches),), daemon=True).start()
 
     def _pull(self, batches) -> None:
         try:
             for batch in batches:
-                self.queue.put(batch)
-            self.queue.put(self._END)
-        except BaseException as error:  # handed to the training thread, which raises it
-            self.queue.put(error)
+                if not self._hand_over(batch):
+                    return
+            self._hand_over(self._END)
+        except BaseException as error:  # handed to the consuming thread, which raises it
+            self._hand_over(error)
+        finally:
+            # Ray's iterator, closed, tells the stream's coordinator this split is done; once every
+            # split is, it shuts the stream's executor down: no more decoding for this pass.
+            batches.close()
 
-    def next(self) -> tuple[list, list] | None:
-        """The next batch's (images, targets), None at the end of the epoch."""
-        item = self.queue.get()
+    def _hand_over(self, item) -> bool:
+        """Puts the item in the queue for the consumer; False once the pass is stopped."""
+        while not self.stopped.is_set():
+            with contextlib.suppress(queue.Full):
+                self.queue.put(item, timeout=0.2)
+                return True
+        return False
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def batch(self) -> dict | None:
+        """The next numpy batch, None at the end of the pass."""
+        try:
+            item = self.queue.get(timeout=self.timeout)
+        except queue.Empty:
+            raise StreamStalled(f"no batch for {self.timeout:g} s (--stall-timeout-s)") from None
         if isinstance(item, BaseException):
             raise item
-        return None if item is self._END else to_tensors(item)[1:]
+        return None if item is self._END else item
+
+    def next(self) -> tuple[list, list] | None:
+        """The next training batch's (images, targets), None at the end of the epoch."""
+        batch = self.batch()
+        return None if batch is None else to_tensors(batch)[1:]
+
+
+# A stalled stream's error names this many of the files being read, and counts the others.
+FILES_NAMED = 3
+
+
+def files_read(collector, split: str) -> str:
+    """The files of the split that decode tasks began and have not finished reading, as the
+    collector has them: a task reports its decode batch whole, so the file that blocks is one of
+    its batch's, the earliest named first."""
+    files = ray.get(collector.files_being_read.remote(split))
+    if not files:
+        return "no decode task was reading a file"
+    more = f" and {len(files) - FILES_NAMED} more" if len(files) > FILES_NAMED else ""
+    return f"decode tasks were reading {', '.join(files[:FILES_NAMED])}{more}"
+
+
+@contextlib.contextmanager
+def stalls_end_the_run(collector, split: str, epoch: int, worker: int):
+    """A StreamStalled inside ends the run, however many restarts are left (collector.stop): a
+    restart would read the same storage, and a stall that persists would hold the run another
+    stall_timeout_s on every attempt; once the storage answers, a rerun with the same run name
+    resumes from the last checkpoint. The error names the split, the epoch and the files that
+    the split's decode tasks, on whichever node, said they were reading (files_read); the worker
+    is named by Ray Train's failure line."""
+    try:
+        yield
+    except StreamStalled as error:
+        message = f"the {split} stream of epoch {epoch} gave {error}; {files_read(collector, split)}"
+        ray.get(collector.stop.remote(f"worker {worker}: StreamStalled: {message}"))
+        raise StreamStalled(message) from None
+
+
+def watched(batches: Prefetched, collector, split: str, epoch: int, worker: int) -> Iterator[dict]:
+    """The pass's numpy batches; a stall ends the run (stalls_end_the_run)."""
+    with stalls_end_the_run(collector, split, epoch, worker):
+        while (batch := batches.batch()) is not None:
+            yield batch
 
 
 def train_one_epoch(training: step.Training, batches: Prefetched, sender: StepSender, worker: int, epoch: int,
                     steps_per_epoch: int) -> None:
     training.model.train()
     steps = 0
-    for row in training.epoch(batches.next, worker, epoch, steps_per_epoch):
-        if not math.isfinite(row.loss):
-            reason = f"loss is {row.loss} at epoch {epoch} step {row.step} on worker {worker}"
-            ray.get(sender.collector.stop.remote(f"worker {worker}: NonFiniteLoss: {reason}"))
-            raise NonFiniteLoss(reason)
-        sender.add(row)
-        steps += 1
+    with stalls_end_the_run(sender.collector, "train", epoch, worker):
+        for row in training.epoch(batches.next, worker, epoch, steps_per_epoch):
+            if not math.isfinite(row.loss):
+                reason = f"loss is {row.loss} at epoch {epoch} step {row.step} on worker {worker}"
+                ray.get(sender.collector.stop.remote(f"worker {worker}: NonFiniteLoss: {reason}"))
+                raise NonFiniteLoss(reason)
+            sender.add(row)
+            steps += 1
     if steps == 0:
         raise RuntimeError(f"worker {worker} got no training batch in epoch {epoch}")
 
@@ -105,12 +175,13 @@ def infer_shard(model, shard, config: Config, device: torch.device, collector, r
                 epoch: int) -> tuple[list[int], list[dict]]:
     """This worker's share of the val stream -> (image ids seen, COCO detections). In fp32 whatever
     the training precision, as torchvision's reference evaluates: bf16 box coordinates would be
-    off by pixels. How far it got goes to the collector every 2 s, for the progress display."""
+    off by pixels. How far it got goes to the collector every 2 s, for the progress display. The
+    stream is pulled as the training one is (Prefetched), so that a stalled val stream ends the
+    run too."""
     model.eval()
     seen, detections = [], []
     told = time.time()
-    for batch in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
-                                    prefetch_batches=config.prefetch_batches):
+    for batch in watched(Prefetched(shard, config), collector, "val", epoch, rank):
         image_ids, images, targets = to_tensors(batch)
         images, _ = step.to_device(images, targets, device)
         outputs = model(images)
@@ -211,7 +282,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
-        self.train_batches = Prefetched(self.train_shard, self.config, self.device)  # fills while the model is built
+        self.train_batches = Prefetched(self.train_shard, self.config)  # fills while the model is built
         model = ray.train.torch.prepare_model(build_model(loop.backbone_file, self.config.min_size,
                                                           self.config.max_size, self.config.box_batch_size_per_image))
         self.training = step.Training(model, self.config, self.device)
@@ -242,7 +313,7 @@ class Worker:
         step.barrier(device)
         train_end, joules = time.perf_counter(), self.energy and self.energy() - joules
         if epoch + 1 < self.config.max_epochs:
-            self.train_batches = Prefetched(self.train_shard, self.config, device)  # fills during evaluation
+            self.train_batches = Prefetched(self.train_shard, self.config)  # fills during evaluation
         scores, inferred = evaluate(training.model, self.val_shard, self.config, device, self.ground_truth,
                                     self.collector, epoch)
         step.barrier(device)
@@ -253,6 +324,8 @@ class Worker:
         ray.get([self.sender.flush(), self.collector.add_epoch.remote(epoch_row)])
         step.barrier(device)  # every worker's rows are with the actor before rank 0 saves them
         self.converged = scores["map"] >= self.config.target_map
+        if self.converged and epoch + 1 < self.config.max_epochs:
+            self.train_batches.stop()  # the next epoch's stream, started during the evaluation
         checkpoint.save_epoch(training, scores, epoch, self.converged, self.rank, self.collector)
         # The epoch ends once its checkpoint is saved; the next one starts at the same instant,
         # so that the epochs tile the training wall time (see pipeline.metrics.whole_time).

@@ -3,6 +3,7 @@ images are left out, counted and named; structural and configuration errors stop
 Ray starts, in one line naming the problem."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -75,7 +76,9 @@ def test_each_image_case(tmp_path, case):
 @pytest.fixture
 def damaged_coco(tmp_path) -> Path:
     """A synthetic set whose train split has a missing, a truncated and a wrongly sized image, a
-    grayscale and a PNG-named-.jpg one that are fine, and whose val split has a truncated one."""
+    grayscale and a PNG-named-.jpg one that are fine, and whose val split has a truncated one, a
+    FIFO (which blocks whoever opens it) and an entry whose file_name leaves the folder for a
+    real JPEG (../outside.jpg)."""
     root = synthetic.generate(tmp_path / "coco", synthetic.SyntheticSpec(
         train_images=10, val_images=5, num_categories=3, image_size=64, empty_fraction=0.0, seed=8))
     train = sorted((root / "train2017").glob("*.jpg"))
@@ -88,6 +91,13 @@ def damaged_coco(tmp_path) -> Path:
     with Image.open(train[4]) as image:
         image.save(train[4], format="PNG")
     truncated(sorted((root / "val2017").glob("*.jpg"))[0])
+    os.mkfifo(root / "val2017" / "fifo.jpg")
+    image_file(root, "outside.jpg")  # 48x32, as its entry says: only where it lies makes it unusable
+    val_annotations = split_paths(root, "val")[0]
+    doc = json.loads(val_annotations.read_text())
+    doc["images"] += [{"id": 901, "file_name": "fifo.jpg", "width": 48, "height": 32},
+                      {"id": 902, "file_name": "../outside.jpg", "width": 48, "height": 32}]
+    val_annotations.write_text(json.dumps(doc))
     return root
 
 
@@ -99,7 +109,8 @@ def test_unusable_images_are_left_out_counted_and_named(ray_head, damaged_coco, 
     assert [reason.split(" ")[0] for reason in reasons] == ["cannot", "decoded", "file"], reasons
     decoded, annotated = re.fullmatch(r"decoded (\d+)x\d+, the annotations say (\d+)x\d+", reasons[1]).groups()
     assert int(decoded) == int(annotated) + 8
-    assert len(bad["val"]) == 1 and "cannot decode" in bad["val"][0]
+    assert sorted(line.split(": ", 1)[1].split(":")[0] for line in bad["val"]) == [
+        "cannot decode", "not a regular file", "outside the split's folder val2017/"], bad["val"]
     # 7 usable training images, split equally (3 each), 2 epochs; the grayscale and PNG ones train.
     assert result["images_trained"] == 2 * 2 * ((10 - 3) // 2)
     assert result["epochs"] == 2

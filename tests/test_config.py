@@ -54,6 +54,8 @@ def test_invalid_values_are_refused():
         resolve(batch_size="two")
     with pytest.raises(ConfigError, match="use_gpu must be true or false"):
         resolve(use_gpu="maybe")
+    with pytest.raises(ConfigError, match="stall_timeout_s must be positive, got 0.0"):
+        resolve(stall_timeout_s="0")
 
 
 def test_linear_lr_rule():

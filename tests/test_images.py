@@ -1,8 +1,13 @@
+import os
+import shutil
+import types
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline import images
+from pipeline.manifest import build_manifest, image_folder, split_paths
 
 
 def test_flip_boxes():
@@ -49,7 +54,7 @@ def test_decode_batch_reads_real_jpegs(tiny_coco):
              "width": np.array([w for w, _ in sizes]), "height": np.array([h for _, h in sizes]),
              "boxes": [np.array([1, 2, 3, 4], np.float32), np.zeros(0, np.float32)],
              "labels": [np.array([5]), np.array([], np.int64)]}
-    out = images.decode_batch(batch)
+    out = images.decode_batch(batch, str(tiny_coco / "val2017"))
     for image, (width, height) in zip(out["image"], sizes):
         assert image.shape == (3, height, width) and image.dtype == np.uint8
     assert out["boxes"][0].tolist() == [[1, 2, 3, 4]] and out["boxes"][1].shape == (0, 4)
@@ -61,7 +66,93 @@ def test_decode_batch_without_a_collector_names_the_unusable_file(tmp_path):
              "width": np.array([8]), "height": np.array([8]), "boxes": [np.zeros(0, np.float32)],
              "labels": [np.array([], np.int64)]}
     with pytest.raises(images.UnusableImage, match=r"gone.jpg: file not found"):
-        images.decode_batch(batch)
+        images.decode_batch(batch, str(tmp_path))
+
+
+def one_row(path: str, width: int = 48, height: int = 32) -> dict:
+    return {"image_id": np.array([1]), "path": np.array([path], dtype=object), "width": np.array([width]),
+            "height": np.array([height]), "boxes": [np.zeros(0, np.float32)], "labels": [np.array([], np.int64)]}
+
+
+def jpeg(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (48, 32), "red").save(path)
+    return path
+
+
+def fifo(path):
+    os.mkfifo(path)  # opening it for reading waits for a writer: for ever
+    return path
+
+
+def symlink(path, target):
+    path.symlink_to(target)
+    return path
+
+
+def folder(path):
+    path.mkdir()
+    return path
+
+
+# name -> (make the entry in the split folder d and return its file_name, the error expected or None: decoded)
+ENTRIES = {
+    "FIFO": (lambda d: fifo(d / "fifo.jpg").name, "not a regular file"),
+    "symlink to a FIFO": (lambda d: symlink(d / "link.jpg", fifo(d.parent / "fifo")).name, "not a regular file"),
+    "folder": (lambda d: folder(d / "sub.jpg").name, "not a regular file"),
+    "../ to a real JPEG": (lambda d: f"../{jpeg(d.parent / 'outside.jpg').name}", "outside the split's folder val2017/"),
+    "absolute path to a real JPEG elsewhere": (lambda d: str(jpeg(d.parent / "other" / "x.jpg")),
+                                               "outside the split's folder val2017/"),
+    "symlink to a real JPEG elsewhere": (lambda d: symlink(d / "link.jpg", jpeg(d.parent / "real.jpg")).name, None),
+    "../ that stays inside": (lambda d: f"{folder(d / 'sub').name}/../{jpeg(d / 'x.jpg').name}", None),
+}
+
+
+@pytest.mark.timeout(10)  # a FIFO opened would block: the check must not open it
+@pytest.mark.parametrize("case", sorted(ENTRIES))
+def test_only_regular_files_inside_the_split_folder_are_read(tmp_path, case):
+    make, expected = ENTRIES[case]
+    split = folder(tmp_path / "val2017")
+    path = str(split / make(split))  # as the manifest joins them: an absolute file_name stays itself
+    if expected is None:
+        assert images.decode_batch(one_row(path), str(split))["image"][0].shape == (3, 32, 48)
+    else:
+        with pytest.raises(images.UnusableImage, match=f"^{path}: {expected}$"):
+            images.decode_batch(one_row(path), str(split))
+
+
+def test_a_symlinked_split_folder_is_read(tiny_coco, tmp_path):
+    """The manifest resolves the folder it is given, and so does the folder it keeps."""
+    annotations, split = split_paths(tmp_path, "val")
+    annotations.parent.mkdir()
+    shutil.copy(split_paths(tiny_coco, "val")[0], annotations)
+    split.symlink_to(tiny_coco / "val2017")
+    manifest, _ = build_manifest(annotations, split, drop_empty=False)
+    for row in manifest.to_pylist():
+        image = images.read_image(row["path"], row["width"], row["height"], image_folder(manifest))
+        assert image.shape == (3, row["height"], row["width"])
+
+
+class Recorder:
+    """Stands in for the collector's actor handle: records the calls made with .remote()."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, method):
+        return types.SimpleNamespace(remote=lambda *args: self.calls.append((method, *args)))
+
+
+def test_decode_batch_tells_the_collector_what_it_reads(tiny_coco):
+    files = sorted((tiny_coco / "val2017").glob("*.jpg"))[:2]
+    batch = {"image_id": np.array([1, 2]), "path": np.array([str(f) for f in files], dtype=object),
+             "width": np.array([Image.open(f).width for f in files]),
+             "height": np.array([Image.open(f).height for f in files]),
+             "boxes": [np.zeros(0, np.float32)] * 2, "labels": [np.array([], np.int64)] * 2}
+    collector = Recorder()
+    images.decode_batch(batch, str(tiny_coco / "val2017"), "val", collector)
+    paths = [str(f) for f in files]
+    assert collector.calls == [("reading", "val", paths), ("read", "val", paths)]
 
 
 def test_decoding_needs_no_torch():
