@@ -1,6 +1,7 @@
 """The driver: data set -> manifests -> Ray Data streams -> TorchTrainer -> result files."""
 
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -25,7 +26,7 @@ from pipeline.preflight import check_data_sizes, check_gpu_nodes, check_nodes_se
 from pipeline.progress import Progress, quiet_ray_data, quiet_ray_init_options
 from pipeline.records import load_steps, write_tables
 from pipeline.train_loop import LoopConfig, train_loop_per_worker
-from pipeline.weights import backbone_file
+from pipeline.weights import checked_weights_file, download_url, fetch
 
 
 class TrainingFailed(RuntimeError):
@@ -77,11 +78,11 @@ class Plan:
 
 
 def prepare(config: Config) -> Plan:
-    """The run's name and directory, its backbone weights (checked, or fetched into the cache every
-    node sees), the data set (generated if synthetic) and its manifests."""
+    """The run's name and directory, its local backbone weights checked (a URL's are fetched later,
+    `fetch_weights`), the data set (generated if synthetic) and its manifests."""
     run_name = config.run_name or f"{config.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cache = Path(config.weights_cache or Path(config.output_dir) / ".weights")
-    weights = backbone_file(config.backbone_weights, cache)
+    source = config.backbone_weights
+    weights = [] if source == "none" or download_url(source) else [checked_weights_file(source).resolve()]
     root = Path(config.data_root)
     if config.synthetic_train_images:
         synthetic.generate(root, synthetic.SyntheticSpec(
@@ -91,8 +92,19 @@ def prepare(config: Config) -> Plan:
     manifests = {split: build_manifest(*paths[split], drop_empty=split == "train") for split in paths}
     # Ray's equal split gives each worker floor(rows / workers) rows an epoch.
     steps_per_epoch = math.ceil(manifests["train"][0].num_rows // max(1, config.num_workers) / config.batch_size)
-    return Plan(config, Path(config.output_dir).resolve() / run_name, root, paths, [weights] if weights else [],
-                manifests, steps_per_epoch)
+    return Plan(config, Path(config.output_dir).resolve() / run_name, root, paths, weights, manifests, steps_per_epoch)
+
+
+def fetch_weights(plan: Plan) -> Plan:
+    """The plan with its backbone's URL (torchvision's for "imagenet") fetched once, by the driver,
+    into the cache every node sees (<output_dir>/.weights or weights_cache); as it is for a local
+    file. Done after the cluster's checks, so that a cluster that cannot run the preset is told
+    so before a download."""
+    url = download_url(plan.config.backbone_weights)
+    if url is None:
+        return plan
+    cache = Path(plan.config.weights_cache or Path(plan.config.output_dir) / ".weights")
+    return dataclasses.replace(plan, weights=[fetch(url, cache).resolve()])
 
 
 def connect(config: Config, verbose: bool) -> str:
@@ -151,6 +163,7 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     quiet_ray_data(verbose)
     check_resources(config)
     gpu_nodes = check_gpu_nodes() if config.use_gpu else []
+    plan = fetch_weights(plan)
     annotations, images = zip(*plan.paths.values())
     check_nodes_see([p.resolve() for p in (*annotations, *images, *plan.weights)], plan.run_dir.parent)
     # On the driver's node: the run's bookkeeping must not go down with a lost worker node.

@@ -1,4 +1,4 @@
-"""The backbone's weights file: found, or fetched once by the driver, before Ray starts.
+"""The backbone's weights file: found, or fetched once by the driver, after the cluster's checks.
 
 Sources: "imagenet" (torchvision's ResNet50_Weights.IMAGENET1K_V1 file, from its URL), an
 http:// or https:// URL (a mirror), a local path or file:// URL, or "none" (no file).
@@ -78,24 +78,15 @@ def check_hash(path: Path) -> None:
 
 def checked_weights_file(source: str) -> Path:
     """The local weights file a path or file:// URL names, which must exist and match its name's
-    hash prefix. A download is refused: only the driver downloads (see `backbone_file`)."""
+    hash prefix. A download is refused: only the driver downloads (see `fetch`)."""
     if download_url(source):
         raise WeightsError(f"backbone weights {source!r}: a download, which only the driver makes "
-                           "(pipeline.weights.backbone_file); give the file it fetched")
+                           "(pipeline.weights.fetch); give the file it fetched")
     path = Path(url2pathname(urlparse(source).path)) if source.startswith("file://") else Path(source)
     if not path.is_file():
         raise WeightsError(f"backbone weights {source!r}: no such file {path}")
     check_hash(path)
     return path
-
-
-def backbone_file(source: str, cache: Path) -> Path | None:
-    """The absolute path of the local file every worker loads for `source`: a URL's (torchvision's
-    for "imagenet") fetched into `cache`, a local path's or file:// URL's checked; None for "none"."""
-    if source == "none":
-        return None
-    url = download_url(source)
-    return (fetch(url, cache) if url else checked_weights_file(source)).resolve()
 
 
 def fetch(url: str, cache: Path) -> Path:

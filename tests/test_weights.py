@@ -14,8 +14,8 @@ import torch
 
 from pipeline.config import resolve
 from pipeline.model import load_backbone_state
-from pipeline.run import prepare, worker_config
-from pipeline.weights import WeightsError, backbone_file, fetch
+from pipeline.run import fetch_weights, prepare, worker_config
+from pipeline.weights import WeightsError, fetch
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -85,11 +85,11 @@ def test_downloaded_once_into_the_cache_and_loaded(server, state, tmp_path):
     weights, body, name = state
     url = serve(server, name, body)
     cache = tmp_path / "cache"
-    assert backbone_file(url, cache) == cache / name
+    assert fetch(url, cache) == cache / name
     assert sorted(p.name for p in cache.iterdir()) == [name]
     assert (cache / name).stat().st_mode & 0o777 == 0o644  # readable by the workers, whoever runs them
     assert_same(load_backbone_state(str(cache / name)), weights)
-    assert backbone_file(url, cache) == cache / name  # from the cache: the server is not asked again
+    assert fetch(url, cache) == cache / name  # from the cache: the server is not asked again
     assert server.requests == [f"/{name}"]
 
 
@@ -150,20 +150,22 @@ def test_a_name_without_a_hash_prefix_is_not_checked(server, tmp_path):
 
 
 def test_the_driver_fetches_a_url_and_the_workers_get_the_local_file(server, state, tiny_coco, tmp_path):
-    """prepare() downloads into <output_dir>/.weights (or --weights-cache), the nodes' check sees
-    that file (Plan.weights), the workers' config names it, and the run's config keeps the URL
-    the user gave (result.json, config.json). A rerun reuses the file."""
+    """The driver downloads into <output_dir>/.weights (or --weights-cache) once the plan is made
+    and the cluster checked (prepare() itself downloads nothing), the nodes' check sees that file
+    (Plan.weights), the workers' config names it, and the run's config keeps the URL the user gave
+    (result.json, config.json). A rerun reuses the file."""
     weights, body, name = state
     url = serve(server, name, body)
     config = resolve("smoke", data_root=str(tiny_coco), synthetic_train_images=0, output_dir=str(tmp_path / "out"),
                      backbone_weights=url)
     cached = (tmp_path / "out" / ".weights" / name).resolve()
-    plan = prepare(config)
+    assert prepare(config).weights == [] and server.requests == []
+    plan = fetch_weights(prepare(config))
     assert plan.weights == [cached] and plan.config.backbone_weights == url
     loop = worker_config(plan, collector=None)
     assert loop.backbone_file == str(cached) and loop.config.backbone_weights == url
     assert_same(load_backbone_state(loop.backbone_file), weights)
-    assert prepare(config).weights == [cached] and len(server.requests) == 1
+    assert fetch_weights(prepare(config)).weights == [cached] and len(server.requests) == 1
     elsewhere = resolve("smoke", data_root=str(tiny_coco), synthetic_train_images=0, output_dir=str(tmp_path / "out"),
                         backbone_weights=url, weights_cache=str(tmp_path / "cache"))
-    assert worker_config(prepare(elsewhere), collector=None).backbone_file == str((tmp_path / "cache" / name).resolve())
+    assert worker_config(fetch_weights(prepare(elsewhere)), collector=None).backbone_file == str((tmp_path / "cache" / name).resolve())
