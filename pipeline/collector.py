@@ -39,6 +39,7 @@ class Collector:
         self.fatal = ""
         # split -> the files its decode tasks are reading (a dict for its order: the earliest begun first)
         self.being_read: dict[str, dict] = collections.defaultdict(dict)
+        self.started_up: dict[int, dict] = {}  # worker -> its start-up marks (unix times)
         self._reset_live(start_epoch=0)
 
     def _reset_live(self, start_epoch: int) -> None:
@@ -88,6 +89,16 @@ class Collector:
         return {"now": now, "started": self.started, "start_epoch": self.start_epoch, "latest": dict(self.latest),
                 "images_per_s": sum(images for _, images in self.recent) / window if window > 0 else 0.0,
                 "evaluated": dict(self.evaluated), "last_map": scores[-1] if scores else None}
+
+    def worker_started(self, worker: int, marks: dict) -> None:
+        """A worker's start-up marks (its train function called, its model built); a restarted
+        worker's are not the run's start-up, the first are kept."""
+        self.started_up.setdefault(worker, marks)
+
+    def startup(self) -> dict:
+        """The workers' start-up marks, each when the last worker reached it."""
+        return {name: max(marks[name] for marks in self.started_up.values())
+                for name in next(iter(self.started_up.values()), {})}
 
     def add_epoch(self, row: dict) -> None:
         self._append("epochs", row)

@@ -52,15 +52,32 @@ def val_dataset(manifest: pa.Table, decode_batch_size: int, collector=None, max_
         "folder": image_folder(manifest), "split": "val", "collector": collector, "max_bad_images": max_bad_images})
 
 
+def shares(rows: int, parts: int) -> list[tuple[int, int]]:
+    """(offset, length) of `parts` contiguous shares of `rows` rows, in order, whose lengths differ
+    by at most one."""
+    size, extra = divmod(rows, parts)
+    return [(part * size + min(part, extra), size + (part < extra)) for part in range(parts)]
+
+
 class ShardingConfig(DataConfig):
     """Training data split equally (every worker takes the same number of steps, as DDP needs;
-    Ray drops at most num_workers - 1 rows an epoch); evaluation data split unequally so that
-    every image goes to exactly one worker, whatever the worker count."""
+    Ray drops at most num_workers - 1 rows an epoch). The val split in `shares`: each worker
+    streams its own contiguous share of the val manifest's rows, so every image goes to exactly
+    one worker and the workers' shares differ by at most one image whatever the split's size
+    (a streaming split hands out whole blocks, and a split of up to ROWS_PER_BLOCK images went
+    to one worker). `val`: the val manifest and val_dataset's other arguments; the trainer's "val"
+    dataset (the whole split, never run) only names the stream."""
+
+    def __init__(self, val_manifest: pa.Table, **val_options):
+        super().__init__()
+        self.val_manifest, self.val_options = val_manifest, val_options
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         if set(datasets) != {"val"}:
             return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
-        ds = datasets["val"].copy(datasets["val"])
-        ds.context.execution_options = self._resolve_execution_options("val")
-        splits = ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
-        return [{"val": split} for split in splits]
+        outputs = []
+        for offset, length in shares(self.val_manifest.num_rows, world_size):
+            share = val_dataset(self.val_manifest.slice(offset, length), **self.val_options)
+            share.context.execution_options = self._resolve_execution_options("val")
+            outputs.append({"val": share.iterator()})
+        return outputs

@@ -135,6 +135,31 @@ def init_time(steps: dict, process_start: float) -> float | None:
     return float(starts.min()) - process_start if len(starts) else None
 
 
+# The start-up's stages in order, each named by what has happened when it ends (see startup).
+STARTUP_STAGES = ("imports", "data", "ray", "checks", "workers", "model", "first_step", "first_batch")
+
+
+def startup(marks: dict, steps: dict, process_start: float) -> dict | None:
+    """Where the time before training went: each stage's end, in seconds from the driver process's
+    start. imports: the driver's imports done (run() called); data: the data set and its manifests
+    ready, the run directory claimed; ray: Ray started or joined; checks: the cluster's checks and
+    the collector done; workers: the last worker's train function called (Ray Train's worker group
+    up, its process group formed, the data shards given); model: the last worker's model built;
+    first_step: the first step begun, as init_time; first_batch: the last worker's first batch in
+    hand (the end of step 0's data wait, barrier included). A resumed run's are its own process's,
+    to its first step there; None if this process ran no step."""
+    first = init_time(steps, process_start)
+    if first is None:
+        return None
+    starts = np.asarray(steps["start"], dtype=np.float64)
+    mine = (starts >= process_start) & (np.asarray(steps["step"]) == 0)
+    mine &= np.asarray(steps["epoch"]) == np.asarray(steps["epoch"])[mine].min()
+    in_hand = starts[mine] + np.asarray(steps["data_wait_s"], dtype=np.float64)[mine]
+    ends = {**{name: marks[name] - process_start for name in STARTUP_STAGES[:6]},
+            "first_step": first, "first_batch": float(in_hand.max()) - process_start}
+    return {name: ends[name] for name in STARTUP_STAGES}
+
+
 def loss_per_epoch(steps: dict) -> list[float]:
     """Mean training loss of each epoch over all workers' steps (each worker's loss is local)."""
     totals, counts = sum_by(steps["epoch"], steps["loss"]), sum_by(steps["epoch"], np.ones(len(steps["epoch"])))

@@ -7,10 +7,6 @@ layers trainable, as torchvision does without pretrained weights. Nothing here d
 """
 
 import torch
-from torchvision.models import resnet50
-from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.ops import FrozenBatchNorm2d
 
 from pipeline.manifest import NUM_CLASSES  # COCO's category ids index the classes directly
 from pipeline.weights import checked_weights_file
@@ -24,7 +20,15 @@ def load_backbone_state(source: str) -> dict:
     return torch.load(checked_weights_file(source), map_location="cpu", weights_only=True)
 
 
-def build_model(backbone_weights: str, min_size: int, max_size: int, box_batch_size_per_image: int = 512) -> FasterRCNN:
+def build_model(backbone_weights: str, min_size: int, max_size: int, box_batch_size_per_image: int = 512):
+    """The model (a torchvision FasterRCNN). torchvision is imported here, in the workers: the
+    driver imports this module only to hand the workers their function, and torchvision costs
+    it 2 s of start-up (torchvision.ops imports torch._dynamo)."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import FrozenBatchNorm2d
+
     sizes = {"min_size": min_size, "max_size": max_size, "box_batch_size_per_image": box_batch_size_per_image}
     if backbone_weights == "none":
         return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, **sizes)

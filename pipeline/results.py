@@ -58,6 +58,8 @@ def summary(result: dict) -> str:
                   f"{result['config']['target_map']}: " + (f"{target:.1f} s" if target is not None else "not reached"),
               "energy: " + (f"{energy:.2f} J per image over the training phases (NVML)" if energy is not None
                             else "no energy counter on these devices (null)")]
+    if result["startup"] is not None:
+        lines.append(startup_line(result["startup"], result["init_time"]))
     if result["config"]["precision"] == "amp":
         lines.append(f"loss scale: {result['loss_scale_first']:g} after the first step, {result['loss_scale_last']:g} "
                      f"after the last; {result['skipped_steps']} steps skipped for inf/nan gradients")
@@ -78,6 +80,20 @@ def summary(result: dict) -> str:
     if bad:
         lines.append(f"images left out as unusable: {bad} (listed in result.json)")
     return "\n".join(lines) + "\n"
+
+
+STARTUP_NAMES = {"imports": "imports", "data": "data set", "ray": "Ray", "checks": "checks",
+                 "workers": "worker group", "model": "model", "first_step": "resume check and barrier"}
+
+
+def startup_line(ends: dict, init_time: float) -> str:
+    """The start-up's stages as durations (result.json's `startup` holds when each ended)."""
+    previous, parts = 0.0, []
+    for name, label in STARTUP_NAMES.items():
+        parts.append(f"{label} {ends[name] - previous:.1f}")
+        previous = ends[name]
+    return (f"start-up: {init_time:.1f} s to the first step = {' + '.join(parts)}; the first batch in hand "
+            f"{ends['first_batch'] - ends['first_step']:.1f} s after it")
 
 
 def write_result(run_dir: Path, result: dict) -> None:

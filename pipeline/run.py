@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import math
 import os
 import platform
@@ -11,14 +12,13 @@ from pathlib import Path
 
 import ray
 import torch
-import torchvision
 from ray._private import ray_constants
 from ray._private import utils as ray_utils
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import data, metrics, plots, results, synthetic
+from pipeline import data, metrics, results, synthetic
 from pipeline.collector import Collector
 from pipeline.config import Config, to_dict
 from pipeline.manifest import build_manifest, split_paths
@@ -119,10 +119,15 @@ def connect(config: Config, verbose: bool) -> str:
     # A fresh local Ray with the CPUs this process may use (Ray's count heeds a container's cgroup
     # limit, where os.cpu_count() gives the host's) and at least two beside the Train workers'
     # for Ray Data's decoding, or the stream waits forever for a CPU on a small machine.
+    # No dashboard: its ten processes double the instance's start-up and take CPU from the run
+    # (to watch a run in Ray's dashboard, start a head with `ray start --head` and join it).
     num_cpus = max(int(ray_utils.get_num_cpus()), config.num_workers * config.cpus_per_worker + 2)
+    # Nor Ray Train's preemption watcher (an actor polling for nodes being drained, as spot nodes
+    # are): one local node is not preempted. Read by the trainer's controller when it starts.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     with loopback_only():
-        ray.init(address="local", num_cpus=num_cpus, **options)
-    return f"started a local instance with {num_cpus} CPUs, listening on 127.0.0.1 only"
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **options)
+    return f"started a local instance with {num_cpus} CPUs, listening on 127.0.0.1 only, without a dashboard"
 
 
 @contextlib.contextmanager
@@ -153,11 +158,14 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     Unless `verbose`, Ray's own output stays in its logs; with a `progress` stream (stdout) the
     run's progress is shown on it (see pipeline.progress)."""
     process_start = process_start_time()
+    marks = {"imports": time.time()}  # the start-up's stages, when each ended (see metrics.startup)
     plan = prepare(config)
     check_data_sizes({split: (plan.paths[split][0], *plan.manifests[split]) for split in plan.paths},
                      config.num_workers)
     results.claim_run_dir(plan.run_dir, {**to_dict(config), "run_name": plan.run_dir.name})
+    marks["data"] = time.time()
     connection = connect(config, verbose)
+    marks["ray"] = time.time()
     if progress is not None:
         print(f"Ray: {connection}; results: {plan.run_dir}", file=progress, flush=True)
     quiet_ray_data(verbose)
@@ -169,14 +177,16 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     # On the driver's node: the run's bookkeeping must not go down with a lost worker node.
     collector = Collector.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)).remote(str(plan.run_dir))
+    marks["checks"] = time.time()
     fitted = train(plan, collector, progress)
     if progress is not None and fitted.checkpoint is not None:
         print(f"last checkpoint: {fitted.checkpoint.path}", file=progress, flush=True)
-    records = ray.get(collector.records.remote())
+    records, worker_marks = ray.get([collector.records.remote(), collector.startup.remote()])
     ray.kill(collector)
     data_facts = {"root": str(plan.root.resolve()),
                   **{split: stats.__dict__ for split, (_, stats) in plan.manifests.items()}}
     return write_results(config, plan.run_dir, records, {"process_start": process_start, "gpu_nodes": gpu_nodes,
+                                                         "startup": {**marks, **worker_marks},
                                                          "steps_per_epoch": plan.steps_per_epoch, "data": data_facts})
 
 
@@ -199,6 +209,8 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
     """The TorchTrainer over the Ray Data streams, fitted; its result (the last checkpoint)."""
     config, val_manifest = plan.config, plan.manifests["val"][0]
     loop = worker_config(plan, collector)
+    val_options = {"decode_batch_size": config.decode_batch_size, "collector": collector,
+                   "max_bad_images": config.max_bad_images}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
@@ -209,8 +221,8 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
                              worker_runtime_env={"env_vars": config.worker_env}),
         datasets={"train": data.train_dataset(plan.manifests["train"][0], config.seed, config.decode_batch_size,
                                               config.aspect_group_factor, collector, config.max_bad_images),
-                  "val": data.val_dataset(val_manifest, config.decode_batch_size, collector, config.max_bad_images)},
-        dataset_config=data.ShardingConfig(),
+                  "val": data.val_dataset(val_manifest, **val_options)},
+        dataset_config=data.ShardingConfig(val_manifest, **val_options),
     )
     try:
         with (contextlib.nullcontext() if progress is None else
@@ -226,7 +238,7 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
 def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> dict:
     """The figures from the step log and the tables, result.json, row.md, the tables and the
     plots into the run directory; returns result.json's content. `facts`: process_start,
-    steps_per_epoch, data and gpu_nodes (what the GPU check found), as result.json shows them."""
+    startup (the driver's and the workers' marks: metrics.startup), steps_per_epoch, data and gpu_nodes (what the GPU check found), as result.json shows them."""
     steps = load_steps(run_dir)
     figures = metrics.figures(steps, records["epochs"], records["workers"], config.target_map)
     epochs = records["epochs"]
@@ -243,6 +255,7 @@ def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> 
         **figures,
         "process_start": facts["process_start"],
         "init_time": metrics.init_time(steps, facts["process_start"]),
+        "startup": metrics.startup(facts["startup"], steps, facts["process_start"]),
         "steps_per_epoch": facts["steps_per_epoch"],
         # Work lost to failures is not in the figures above (see pipeline/collector.py).
         "attempts": len(records["attempts"]["attempt"]),
@@ -257,10 +270,12 @@ def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> 
         "devices": sorted(set(records["workers"]["device"])),
         "gpu_nodes": facts["gpu_nodes"],
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "ray": ray.__version__},
+                     "torchvision": importlib.metadata.version("torchvision"), "ray": ray.__version__},
         "config": to_dict(config),
     }
     write_tables(run_dir, records)
+    from pipeline import plots  # matplotlib: imported once the run is done, not before its first step
+
     result["plots"] = [str(path) for path in plots.write_run_plots(run_dir, steps, epochs)]
     result["e2e_time"] = metrics.e2e_time(facts["process_start"], time.time())
     results.write_result(run_dir, result)

@@ -171,17 +171,18 @@ def train_one_epoch(training: step.Training, batches: Prefetched, sender: StepSe
 
 
 @torch.no_grad()
-def infer_shard(model, shard, config: Config, device: torch.device, collector, rank: int,
+def infer_shard(model, batches: Prefetched, device: torch.device, collector, rank: int,
                 epoch: int) -> tuple[list[int], list[dict]]:
-    """This worker's share of the val stream -> (image ids seen, COCO detections). In fp32 whatever
-    the training precision, as torchvision's reference evaluates: bf16 box coordinates would be
-    off by pixels. How far it got goes to the collector every 2 s, for the progress display. The
-    stream is pulled as the training one is (Prefetched), so that a stalled val stream ends the
-    run too."""
+    """This worker's share of the val stream, a pass begun before the evaluation (once the model is
+    built, then during the previous evaluation), so that its stream has started and holds its
+    first batches when the evaluation begins -> (image ids seen,
+    COCO detections). In fp32 whatever the training precision, as torchvision's reference
+    evaluates: bf16 box coordinates would be off by pixels. How far it got goes to the collector
+    every 2 s, for the progress display. A stalled val stream ends the run too (watched)."""
     model.eval()
     seen, detections = [], []
     told = time.time()
-    for batch in watched(Prefetched(shard, config), collector, "val", epoch, rank):
+    for batch in watched(batches, collector, "val", epoch, rank):
         image_ids, images, targets = to_tensors(batch)
         images, _ = step.to_device(images, targets, device)
         outputs = model(images)
@@ -195,7 +196,7 @@ def infer_shard(model, shard, config: Config, device: torch.device, collector, r
     return seen, detections
 
 
-def evaluate(model, shard, config: Config, device: torch.device, ground_truth, collector,
+def evaluate(model, batches: Prefetched, config: Config, device: torch.device, ground_truth, collector,
              epoch: int) -> tuple[dict, int]:
     """Infer this worker's share, gather on rank 0, COCOeval there over every val image but those
     that could not be decoded (recorded with the collector), share the result with all.
@@ -203,7 +204,7 @@ def evaluate(model, shard, config: Config, device: torch.device, ground_truth, c
     broadcast run over gloo in the tests (CPU workers) and over NCCL only on GPU workers: the
     acceptance run's 1x2 run (machines with 2+ GPUs) covers that."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    seen, detections = infer_shard(step.unwrap(model), shard, config, device, collector, rank, epoch)
+    seen, detections = infer_shard(step.unwrap(model), batches, device, collector, rank, epoch)
     inferred = len(seen)
     seen, detections = evaluation.gather_on_rank0(seen, detections)
     result = [None]
@@ -274,6 +275,7 @@ class Worker:
     """One training worker of the run: its streams, model, collector channel and epoch clock."""
 
     def __init__(self, loop: LoopConfig):
+        called = time.time()
         self.loop, self.config, self.collector = loop, loop.config, loop.collector
         self.context = ray.train.get_context()
         self.rank = self.context.get_world_rank()
@@ -286,11 +288,21 @@ class Worker:
         model = ray.train.torch.prepare_model(build_model(loop.backbone_file, self.config.min_size,
                                                           self.config.max_size, self.config.box_batch_size_per_image))
         self.training = step.Training(model, self.config, self.device)
+        # Begun once the model is built: its stream starts in this process, whose model and imports
+        # it would slow; it fills during the first steps.
+        self.val_batches = Prefetched(self.val_shard, self.config)
+        self.collector.worker_started.remote(self.rank, {"workers": called, "model": time.time()})
         self.ground_truth = (evaluation.load_ground_truth(loop.val_annotations, self.config.coco_evaluator)
                              if self.rank == 0 else None)
         self.sender = StepSender(self.collector)
         self.energy = energy_meter(self.device)
         self.used_memory = used_memory_peak(self.device)  # sampled until finish()
+
+    def passes(self) -> None:
+        """The next epoch's passes over the training and the val streams, begun now (during the
+        evaluation)."""
+        self.train_batches = Prefetched(self.train_shard, self.config)
+        self.val_batches = Prefetched(self.val_shard, self.config)
 
     def begin(self) -> bool:
         """Resumes from the run's latest checkpoint, if any; False if the run has already failed
@@ -312,9 +324,10 @@ class Worker:
         step.synchronize(device)
         step.barrier(device)
         train_end, joules = time.perf_counter(), self.energy and self.energy() - joules
+        val_batches = self.val_batches
         if epoch + 1 < self.config.max_epochs:
-            self.train_batches = Prefetched(self.train_shard, self.config)  # fills during evaluation
-        scores, inferred = evaluate(training.model, self.val_shard, self.config, device, self.ground_truth,
+            self.passes()
+        scores, inferred = evaluate(training.model, val_batches, self.config, device, self.ground_truth,
                                     self.collector, epoch)
         step.barrier(device)
         end = time.perf_counter()
@@ -325,7 +338,8 @@ class Worker:
         step.barrier(device)  # every worker's rows are with the actor before rank 0 saves them
         self.converged = scores["map"] >= self.config.target_map
         if self.converged and epoch + 1 < self.config.max_epochs:
-            self.train_batches.stop()  # the next epoch's stream, started during the evaluation
+            self.train_batches.stop()  # the next epoch's streams, started during the evaluation
+            self.val_batches.stop()
         checkpoint.save_epoch(training, scores, epoch, self.converged, self.rank, self.collector)
         # The epoch ends once its checkpoint is saved; the next one starts at the same instant,
         # so that the epochs tile the training wall time (see pipeline.metrics.whole_time).

@@ -147,6 +147,16 @@ def test_run_help_imports_neither_ray_nor_torch():
     assert done.stdout.splitlines()[-1] == "HEAVY []"
 
 
+def test_the_driver_imports_neither_torchvision_nor_matplotlib_before_training():
+    # torchvision (2 s: torchvision.ops imports torch._dynamo) is the workers'; matplotlib the
+    # results'. Both would be start-up time of every run.
+    code = ("import sys\nimport pipeline.run\n"
+            "print('HEAVY', sorted(m for m in ('torchvision', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "HEAVY []"
+
+
 def test_user_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match=rf"^frcnn-bench: {re.escape(str(tmp_path))}: no result.json"):
         cli.main(["report", str(tmp_path)])

@@ -99,7 +99,7 @@ def test_a_stalled_stream_ends_the_run_naming_the_files_being_read(ray_head, tmp
                 train_one_epoch(training, Prefetched(stream, config), StepSender(collector), worker=1, epoch=2,
                                 steps_per_epoch=1)
             else:
-                infer_shard(torch.nn.Identity(), stream, config, device, collector, rank=1, epoch=2)
+                infer_shard(torch.nn.Identity(), Prefetched(stream, config), device, collector, rank=1, epoch=2)
         waited = time.monotonic() - start
     finally:
         release(fifo)
@@ -139,3 +139,13 @@ def test_a_stopped_pass_stops_the_streams_decoding(ray_head, tmp_path):
     settled = log.stat().st_size
     time.sleep(3)
     assert log.stat().st_size == settled < rows
+
+
+def test_val_shares_are_contiguous_and_even():
+    for rows in range(0, 40):
+        for parts in range(1, 6):
+            found = data.shares(rows, parts)
+            lengths = [length for _, length in found]
+            assert sum(lengths) == rows and max(lengths) - min(lengths) <= 1, (rows, parts, found)
+            assert [offset for offset, _ in found] == [sum(lengths[:i]) for i in range(parts)]
+    assert data.shares(16, 2) == [(0, 8), (8, 8)] and data.shares(7, 3) == [(0, 3), (3, 2), (5, 2)]

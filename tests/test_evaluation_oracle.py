@@ -16,7 +16,7 @@ from pipeline.collector import Collector
 from pipeline.config import resolve
 from pipeline.images import flip_boxes
 from pipeline.manifest import build_manifest, split_paths
-from pipeline.train_loop import evaluate
+from pipeline.train_loop import Prefetched, evaluate
 
 CPU = torch.device("cpu")
 
@@ -80,7 +80,8 @@ def test_oracle_detections_score_one_and_mistakes_score_lower(val_stream, mistak
     config = resolve(batch_size=2, num_workers=1, coco_evaluator="faster-coco-eval")
     ground_truth = evaluation.load_ground_truth(str(split_paths(root, "val")[0]), config.coco_evaluator)
     collector = Collector.remote(str(tmp_path))
-    scores, inferred = evaluate(Oracle(truth, MISTAKES[mistake]), stream, config, CPU, ground_truth, collector, 0)
+    scores, inferred = evaluate(Oracle(truth, MISTAKES[mistake]), Prefetched(stream, config), config, CPU,
+                                ground_truth, collector, 0)
     ray.kill(collector)
     assert inferred == 24
     if mistake == "right":

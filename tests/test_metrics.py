@@ -80,6 +80,22 @@ def test_shares_and_init_time():
     assert metrics.init_time(STEPS, process_start=88.5) == 100.0 - 88.5
 
 
+def test_startup_stages():
+    # The driver's marks and the last worker's, unix times; step 0 of epoch 0 began at 100.0 on
+    # both workers, and worker 1 waited 0.5 s for its batch.
+    marks = {"imports": 90.5, "data": 91.0, "ray": 94.0, "checks": 94.5, "workers": 97.0, "model": 99.0}
+    ends = metrics.startup(marks, STEPS, process_start=88.5)
+    assert ends == {"imports": 2.0, "data": 2.5, "ray": 5.5, "checks": 6.0, "workers": 8.5, "model": 10.5,
+                    "first_step": 11.5, "first_batch": 12.0}
+    assert list(ends) == list(metrics.STARTUP_STAGES)
+    assert results.startup_line(ends, 11.5) == (
+        "start-up: 11.5 s to the first step = imports 2.0 + data set 0.5 + Ray 3.0 + checks 0.5 + worker group 2.5 "
+        "+ model 2.0 + resume check and barrier 1.0; the first batch in hand 0.5 s after it")
+    # A resumed run's start-up ends at its own first step (epoch 1 here), not at the steps it resumed.
+    assert metrics.startup(marks, STEPS, process_start=103.0)["first_batch"] == 106.0 + 0.5 - 103.0
+    assert metrics.startup(marks, STEPS, process_start=200.0) is None
+
+
 def test_whole_time_leaves_out_the_gap_of_a_restart():
     # Epoch 1 redone by a second attempt that started 30 s after epoch 0 ended: the gap is lost
     # time (attempts.jsonl), not training time.

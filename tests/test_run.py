@@ -23,7 +23,9 @@ def test_every_val_image_evaluated_exactly_once(ray_head, tiny_coco, tmp_path):
     result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=3))
     epochs = load_records(result["run_dir"])["epochs"]
     assert sorted(epochs["worker"]) == [0, 1, 2]
-    # 7 val images: not a multiple of 3 (nor of 2, in the end-to-end test below).
+    # 7 val images: not a multiple of 3 (nor of 2, in the end-to-end test below), shared evenly.
+    by_worker = dict(zip(epochs["worker"], epochs["eval_images"]))
+    assert [by_worker[w] for w in (0, 1, 2)] == [3, 2, 2]
     assert sum(epochs["eval_images"]) == val_image_count(tiny_coco) == 7
 
 

@@ -124,3 +124,9 @@ def test_refuses_to_overwrite_other_annotations(tmp_path):
     (tmp_path / "annotations" / "instances_train2017.json").write_text("{}")
     with pytest.raises(FileExistsError, match="not written by this generator"):
         synthetic.generate(tmp_path, SPEC)
+
+
+def test_the_category_table_is_torchvisions():
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    assert synthetic.COCO_NAMES == FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]

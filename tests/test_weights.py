@@ -15,7 +15,7 @@ import torch
 from pipeline.config import resolve
 from pipeline.model import load_backbone_state
 from pipeline.run import fetch_weights, prepare, worker_config
-from pipeline.weights import WeightsError, fetch
+from pipeline.weights import IMAGENET_URL, WeightsError, fetch
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -169,3 +169,9 @@ def test_the_driver_fetches_a_url_and_the_workers_get_the_local_file(server, sta
     elsewhere = resolve("smoke", data_root=str(tiny_coco), synthetic_train_images=0, output_dir=str(tmp_path / "out"),
                         backbone_weights=url, weights_cache=str(tmp_path / "cache"))
     assert worker_config(fetch_weights(prepare(elsewhere)), collector=None).backbone_file == str((tmp_path / "cache" / name).resolve())
+
+
+def test_the_imagenet_url_is_torchvisions():
+    from torchvision.models import ResNet50_Weights
+
+    assert IMAGENET_URL == ResNet50_Weights.IMAGENET1K_V1.url
