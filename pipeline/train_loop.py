@@ -173,9 +173,8 @@ def train_one_epoch(training: step.Training, batches: Prefetched, sender: StepSe
 @torch.no_grad()
 def infer_shard(model, batches: Prefetched, device: torch.device, collector, rank: int,
                 epoch: int) -> tuple[list[int], list[dict]]:
-    """This worker's share of the val stream, a pass begun before the evaluation (once the model is
-    built, then during the previous evaluation), so that its stream has started and holds its
-    first batches when the evaluation begins -> (image ids seen,
+    """This worker's share of the val stream, a pass over its own share (see data.ShardingConfig)
+    -> (image ids seen,
     COCO detections). In fp32 whatever the training precision, as torchvision's reference
     evaluates: bf16 box coordinates would be off by pixels. How far it got goes to the collector
     every 2 s, for the progress display. A stalled val stream ends the run too (watched)."""
@@ -288,21 +287,12 @@ class Worker:
         model = ray.train.torch.prepare_model(build_model(loop.backbone_file, self.config.min_size,
                                                           self.config.max_size, self.config.box_batch_size_per_image))
         self.training = step.Training(model, self.config, self.device)
-        # Begun once the model is built: its stream starts in this process, whose model and imports
-        # it would slow; it fills during the first steps.
-        self.val_batches = Prefetched(self.val_shard, self.config)
         self.collector.worker_started.remote(self.rank, {"workers": called, "model": time.time()})
         self.ground_truth = (evaluation.load_ground_truth(loop.val_annotations, self.config.coco_evaluator)
                              if self.rank == 0 else None)
         self.sender = StepSender(self.collector)
         self.energy = energy_meter(self.device)
         self.used_memory = used_memory_peak(self.device)  # sampled until finish()
-
-    def passes(self) -> None:
-        """The next epoch's passes over the training and the val streams, begun now (during the
-        evaluation)."""
-        self.train_batches = Prefetched(self.train_shard, self.config)
-        self.val_batches = Prefetched(self.val_shard, self.config)
 
     def begin(self) -> bool:
         """Resumes from the run's latest checkpoint, if any; False if the run has already failed
@@ -324,9 +314,12 @@ class Worker:
         step.synchronize(device)
         step.barrier(device)
         train_end, joules = time.perf_counter(), self.energy and self.energy() - joules
-        val_batches = self.val_batches
+        # The val pass begins with the evaluation, not before: its stream starts in this process
+        # (a worker's share is its own stream), and started during training it took 2.7 s of the
+        # first step's compute here.
+        val_batches = Prefetched(self.val_shard, self.config)
         if epoch + 1 < self.config.max_epochs:
-            self.passes()
+            self.train_batches = Prefetched(self.train_shard, self.config)  # fills during evaluation
         scores, inferred = evaluate(training.model, val_batches, self.config, device, self.ground_truth,
                                     self.collector, epoch)
         step.barrier(device)
@@ -338,8 +331,7 @@ class Worker:
         step.barrier(device)  # every worker's rows are with the actor before rank 0 saves them
         self.converged = scores["map"] >= self.config.target_map
         if self.converged and epoch + 1 < self.config.max_epochs:
-            self.train_batches.stop()  # the next epoch's streams, started during the evaluation
-            self.val_batches.stop()
+            self.train_batches.stop()  # the next epoch's stream, started during the evaluation
         checkpoint.save_epoch(training, scores, epoch, self.converged, self.rank, self.collector)
         # The epoch ends once its checkpoint is saved; the next one starts at the same instant,
         # so that the epochs tile the training wall time (see pipeline.metrics.whole_time).
