@@ -4,6 +4,7 @@ import json
 
 from figures_from_logs import assert_figures_match
 from pipeline.config import resolve
+from pipeline.metrics import STARTUP_STAGES
 from pipeline.records import load_records
 from pipeline.run import run
 
@@ -50,6 +51,9 @@ def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
     assert saved["p_core"] >= saved["p_train"] >= saved["p_whole"] > 0
     assert 0 <= saved["padding_share"] < 1 and 0 < saved["data_wait_share"] < 1
     assert 0 < saved["init_time"] < saved["e2e_time"]
+    # The start-up's stages, each ending after the one before, the workers' marks among them.
+    ends = [saved["startup"][stage] for stage in STARTUP_STAGES]
+    assert ends == sorted(ends) and ends[0] > 0 and saved["startup"]["first_step"] == saved["init_time"]
     assert 0 <= saved["map"] <= 1 and saved["mem"].endswith("(cpu rss)")
     assert saved["mem_torch_reserved_gib"] is None and saved["gpu_nodes"] == []  # CPU workers: no GPU check
 
