@@ -65,8 +65,8 @@ class ShardingConfig(DataConfig):
     streams its own contiguous share of the val manifest's rows, so every image goes to exactly
     one worker and the workers' shares differ by at most one image whatever the split's size
     (a streaming split hands out whole blocks, and a split of up to ROWS_PER_BLOCK images went
-    to one worker). `val`: the val manifest and val_dataset's other arguments; the trainer's "val"
-    dataset (the whole split, never run) only names the stream."""
+    to one worker). Given the val manifest and val_dataset's other arguments, from which it makes
+    the shares; the trainer's "val" dataset (the whole split, never run) only names the stream."""
 
     def __init__(self, val_manifest: pa.Table, **val_options):
         super().__init__()

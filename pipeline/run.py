@@ -237,8 +237,9 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
 
 def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> dict:
     """The figures from the step log and the tables, result.json, row.md, the tables and the
-    plots into the run directory; returns result.json's content. `facts`: process_start,
-    startup (the driver's and the workers' marks: metrics.startup), steps_per_epoch, data and gpu_nodes (what the GPU check found), as result.json shows them."""
+    plots into the run directory; returns result.json's content. `facts`: process_start, startup
+    (the driver's and the workers' marks: metrics.startup), steps_per_epoch, data and gpu_nodes
+    (what the GPU check found), as result.json shows them."""
     steps = load_steps(run_dir)
     figures = metrics.figures(steps, records["epochs"], records["workers"], config.target_map)
     epochs = records["epochs"]

@@ -173,9 +173,8 @@ def train_one_epoch(training: step.Training, batches: Prefetched, sender: StepSe
 @torch.no_grad()
 def infer_shard(model, batches: Prefetched, device: torch.device, collector, rank: int,
                 epoch: int) -> tuple[list[int], list[dict]]:
-    """This worker's share of the val stream, a pass over its own share (see data.ShardingConfig)
-    -> (image ids seen,
-    COCO detections). In fp32 whatever the training precision, as torchvision's reference
+    """A pass over this worker's share of the val stream (see data.ShardingConfig) -> (image ids
+    seen, COCO detections). In fp32 whatever the training precision, as torchvision's reference
     evaluates: bf16 box coordinates would be off by pixels. How far it got goes to the collector
     every 2 s, for the progress display. A stalled val stream ends the run too (watched)."""
     model.eval()
