@@ -124,16 +124,57 @@ def session_pids(session: int) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    import ray
-
+@pytest.fixture(scope="session")
+def session_head(tmp_path_factory):
+    """One head for the whole session: starting one costs seconds, and runs leave nothing on it."""
     head = RayHead(num_cpus=5, log_dir=tmp_path_factory.mktemp("ray"))
     try:
         yield head
     finally:
-        ray.shutdown()
         head.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_head(session_head):
+    """The session's head; the test process's connection to it is closed after each module, so
+    that every module starts unconnected (some start Ray instances of their own)."""
+    import ray
+
+    try:
+        yield session_head
+    finally:
+        ray.shutdown()
+
+
+def tiny_config(ray_head, data_root, output_dir, **overrides):
+    """A run at toy size on `ray_head`: random init, 64/96 px, batch 2, 1 epoch."""
+    from pipeline.config import resolve
+
+    values = dict(data_root=str(data_root), output_dir=str(output_dir), ray_address=ray_head.address,
+                  use_gpu=False, backbone_weights="none", min_size=64, max_size=96, box_batch_size_per_image=32,
+                  batch_size=2, lr=0.005, warmup_iters=2, lr_steps=(), max_epochs=1)
+    return resolve(**{**values, **overrides})
+
+
+SHARED_WORKERS = 3
+
+
+@pytest.fixture(scope="session")
+def shared_run(session_head, tiny_coco, tmp_path_factory) -> Path:
+    """One real run that several tests check different things of (tests/test_run.py,
+    tests/test_report.py): 3 workers (7 val images: not a multiple of 3), 2 epochs, an environment
+    variable for the workers. Its results folder: runs/w3 under a folder of its own."""
+    import ray
+
+    from pipeline.run import run
+
+    folder = tmp_path_factory.mktemp("runs")
+    try:
+        run(tiny_config(session_head, tiny_coco, folder, num_workers=SHARED_WORKERS, max_epochs=2,
+                        run_name=f"w{SHARED_WORKERS}", worker_env="FRCNN_PROBE=on"))
+    finally:
+        ray.shutdown()
+    return folder / f"w{SHARED_WORKERS}"
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """Token authentication for real: a head started with RAY_AUTH_MODE=token, as both cluster
 configurations start theirs. Without the token neither `ray job submit` nor the dashboard's HTTP
-job API lets anyone in; with it the smoke job runs and writes its result. And the Ray that `run`
-starts for debugging takes connections from this machine only."""
+job API lets anyone in; with it the README's exact job command runs the smoke job, which writes
+its result and shows its summary. And the Ray that `run` starts for debugging takes connections
+from this machine only."""
 
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -81,8 +83,13 @@ def test_a_job_without_the_token_is_refused_and_with_it_runs(token_head, tmp_pat
     assert wrong.returncode != 0 and not list(tmp_path.glob("smoke-*"))
     done = submit(head, tmp_path / "home", tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    # The job's log (which `ray job submit` follows) ends with the run's summary.
+    assert "| config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |" in done.stdout
     (run_dir,) = tmp_path.glob("smoke-*")
-    assert json.loads((run_dir / "result.json").read_text())["images_trained"] > 0
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["config"]["preset"] == "smoke" and result["workers"] == 2 and result["images_trained"] > 0
+    assert f"| {result['config_label']} | fp32 | smoke |" in done.stdout
+    assert "Ray: joined the cluster at" in done.stdout and not re.search(r"\(RayTrainWorker pid=", done.stdout)
     print(f"refused:\n{refused.stderr[-600:]}\nwrong token:\n{wrong.stderr[-600:]}\naccepted:\n{done.stdout[-400:]}")
 
 

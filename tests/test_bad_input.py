@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import venv_env
-from pipeline import images, synthetic
+from pipeline import cli, images, synthetic
 from pipeline.config import resolve
 from pipeline.manifest import AnnotationError, build_manifest, split_paths
 from pipeline.run import run
@@ -117,11 +117,14 @@ def test_unusable_images_are_left_out_counted_and_named(ray_head, damaged_coco, 
 
 
 def test_too_many_unusable_images_stop_the_run(ray_head, damaged_coco, tmp_path):
+    """Run with --verbose, which shows what Ray says (its workers' lines), the answer among it."""
     done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--preset", "smoke", "--synthetic-train-images", "0",
-                           "--data-root", str(damaged_coco), "--output-dir", str(tmp_path), "--max-bad-images", "1"],
+                           "--data-root", str(damaged_coco), "--output-dir", str(tmp_path), "--max-bad-images", "1",
+                           "--verbose"],
                           cwd=ROOT, env=venv_env(RAY_ADDRESS=ray_head.address), capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 1
+    assert re.search(r"\(RayTrainWorker pid=\d+\)", done.stdout + done.stderr)
     # Ray's own worker logs may arrive around it; the run's answer is one line of its own.
     (line,) = [line for line in done.stderr.splitlines() if line.startswith("frcnn-bench: ")]
     assert re.match(r"frcnn-bench: training failed: worker [\d, ]+: TooManyBadImages: 2 train images could not be "
@@ -179,20 +182,42 @@ BAD_RUNS = {
 }
 
 
+def main_in_this_process(argv: list[str], capsys) -> tuple[int, str]:
+    """`frcnn-bench` (cli.main) run here, without a process of its own: its exit status and its
+    stderr, with what the interpreter would print for sys.exit(message). An exception other than
+    SystemExit (what would be a traceback) fails the test. Ray, if the command started it, is
+    stopped."""
+    import ray
+
+    try:
+        cli.main(argv)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        ray.shutdown()
+    stderr = capsys.readouterr().err
+    if isinstance(code, str):
+        return 1, f"{stderr}{code}\n"
+    return code or 0, stderr
+
+
 @pytest.mark.parametrize("case", sorted(BAD_RUNS))
-def test_bad_configuration_and_annotations_fail_in_one_line(small_coco, tmp_path, case):
+def test_bad_configuration_and_annotations_fail_in_one_line(small_coco, tmp_path, case, capsys, monkeypatch):
+    # In this process: each case ends before training, most before Ray starts (the weights'
+    # download after Ray's checks); `python -m pipeline` as a process is tested by the runs below.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     flags, change, message = BAD_RUNS[case]
     root = broken_copy(small_coco, tmp_path, *change) if change else small_coco
     if "WEIGHTS" in flags:
         flags = [f if f != "WEIGHTS" else str(tmp_path / "resnet50-0676ba61.pth") for f in flags]
         (tmp_path / "resnet50-0676ba61.pth").write_bytes(b"not the ImageNet weights")
-    command = [sys.executable, "-m", "pipeline", "run", "--preset", "smoke", "--synthetic-train-images", "0",
-               "--data-root", str(root), "--output-dir", str(tmp_path / "out"), *flags]
-    done = subprocess.run(command, cwd=ROOT, env=venv_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert lines[-1].startswith("frcnn-bench: ") and message in lines[-1], done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
+    code, stderr = main_in_this_process(["run", "--preset", "smoke", "--synthetic-train-images", "0",
+                                         "--data-root", str(root), "--output-dir", str(tmp_path / "out"), *flags],
+                                        capsys)
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("frcnn-bench: ") and message in lines[-1], stderr[-2000:]
 
 
 # Structural problems of an annotation file: the same AnnotationError as the cases above that

@@ -1,5 +1,6 @@
-"""The job entrypoint for real: the README's exact `ray job submit` command against a head this
-test starts, and the same entrypoint starting its own local Ray."""
+"""The job entrypoint for real, starting its own local Ray (the README's exact `ray job submit`
+command runs in tests/test_auth.py, against a head with token authentication; what `--verbose`
+shows, in tests/test_bad_input.py)."""
 
 import json
 import os
@@ -7,8 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from conftest import session_pids, venv_env
@@ -21,45 +20,6 @@ def readme_command(prefix: str) -> str:
     matches = [line for line in lines if line.startswith(prefix)]
     assert len(matches) == 1, f"README should have one line starting with {prefix!r}"
     return matches[0]
-
-
-def wait_for_dashboard(port: int, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5)
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(1)
-
-
-def test_readme_job_command_runs_the_smoke_job(ray_head, tmp_path):
-    command = readme_command("ray job submit --working-dir . -- python -m jobs.train --preset smoke")
-    wait_for_dashboard(ray_head.dashboard_port)
-    done = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=280,
-                          env=venv_env(RAY_ADDRESS=f"http://127.0.0.1:{ray_head.dashboard_port}",
-                                       FRCNN_RESULTS=str(tmp_path)))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "succeeded" in done.stdout
-    # The job's log (which `ray job submit` follows) ends with the run's summary.
-    assert "| config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |" in done.stdout
-    (run_dir,) = tmp_path.iterdir()
-    result = json.loads((run_dir / "result.json").read_text())
-    assert run_dir.name.startswith("smoke-") and result["config"]["preset"] == "smoke"
-    assert result["workers"] == 2 and result["images_trained"] > 0
-    assert f"| {result['config_label']} | fp32 | smoke |" in done.stdout
-    assert "Ray: joined the cluster at" in done.stdout and not re.search(r"\(RayTrainWorker pid=", done.stdout)
-
-
-def test_verbose_shows_what_ray_says(ray_head, tiny_coco, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--preset", "smoke", "--verbose",
-                           "--synthetic-train-images", "0", "--data-root", str(tiny_coco), "--output-dir", str(tmp_path)],
-                          cwd=ROOT, env=venv_env(RAY_ADDRESS=ray_head.address), capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.search(r"\(RayTrainWorker pid=\d+\)", done.stdout + done.stderr)
 
 
 def test_the_same_entrypoint_starts_a_local_ray_without_a_cluster(tmp_path):

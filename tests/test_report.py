@@ -1,5 +1,5 @@
-"""`frcnn-bench report` over the results of two real tiny runs (1 and 2 workers), and the plots
-each run writes."""
+"""`frcnn-bench report` over the results of two real tiny runs (1 worker, and the session's shared
+run of 3), and the plots each run writes."""
 
 import csv
 import json
@@ -16,17 +16,17 @@ from pipeline.plots import DPI, SIZE
 from pipeline.report import ReportError
 from pipeline.results import flagperf_row
 from pipeline.run import run
-from test_run import tiny_config
+from conftest import SHARED_WORKERS, tiny_config
 
 PIXELS = (SIZE[0] * DPI, SIZE[1] * DPI)
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def two_runs(ray_head, tiny_coco, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("runs")
-    for workers in (2, 1):
-        run(tiny_config(ray_head, tiny_coco, folder, num_workers=workers, run_name=f"w{workers}"))
+def two_runs(ray_head, shared_run, tiny_coco):
+    """The shared run's folder, with a 1-worker run beside it."""
+    folder = shared_run.parent
+    run(tiny_config(ray_head, tiny_coco, folder, num_workers=1, run_name="w1"))
     return folder
 
 
@@ -43,18 +43,19 @@ def check_png(path) -> None:
 
 def test_report_builds_the_table_from_the_results(two_runs, tmp_path, capsys):
     cli.main(["report", str(two_runs), "--output-dir", str(tmp_path)])
-    one, two = result(two_runs, "w1"), result(two_runs, "w2")
+    n = SHARED_WORKERS
+    one, two = result(two_runs, "w1"), result(two_runs, f"w{n}")
     table = json.loads((tmp_path / "report.json").read_text())
-    assert [row["run"] for row in table] == ["w1", "w2"]
+    assert [row["run"] for row in table] == ["w1", f"w{n}"]
     for row, source in zip(table, (one, two)):
         assert row["config"] == source["config_label"] and row["precision"] == source["config"]["precision"]
         assert row["fix_hp"] == source["config"]["fix_hp"] and row["devices"] == source["workers"]
         for key in ("e2e_time", "p_whole", "p_train", "p_core", "map", "mem"):
             assert row[key] == source[key]
-    assert [row["config"] for row in table] == ["1x1", "1x2"]
+    assert [row["config"] for row in table] == ["1x1", f"1x{n}"]
     assert table[0]["scaling_efficiency"] == 1.0
-    assert table[1]["p_train_per_device"] == two["p_train"] / 2
-    assert table[1]["scaling_efficiency"] == pytest.approx(two["p_train"] / 2 / one["p_train"], rel=1e-12)
+    assert table[1]["p_train_per_device"] == two["p_train"] / n
+    assert table[1]["scaling_efficiency"] == pytest.approx(two["p_train"] / n / one["p_train"], rel=1e-12)
 
     with open(tmp_path / "report.csv", newline="") as file:
         rows = list(csv.DictReader(file))
@@ -64,14 +65,14 @@ def test_report_builds_the_table_from_the_results(two_runs, tmp_path, capsys):
     markdown = (tmp_path / "report.md").read_text().splitlines()
     assert markdown[0].startswith("| run | config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |")
     shown = flagperf_row(two)
-    assert markdown[3].startswith(f"| w2 | {' | '.join(str(shown[c]) for c in shown)} | 2 |")
+    assert markdown[3].startswith(f"| w{n} | {' | '.join(str(shown[c]) for c in shown)} | {n} |")
     assert markdown[3].endswith(f" | {100 * table[1]['scaling_efficiency']:.1f}% |")
     assert capsys.readouterr().out.startswith(markdown[0])
     check_png(tmp_path / "throughput_vs_devices.png")
 
 
 def test_each_run_writes_its_plots(two_runs):
-    for name in ("w1", "w2"):
+    for name in ("w1", f"w{SHARED_WORKERS}"):
         plots = result(two_runs, name)["plots"]
         assert [p.rsplit("/", 1)[1] for p in plots] == ["loss.png", "map.png", "throughput.png", "time.png"]
         for path in plots:
@@ -97,5 +98,5 @@ def test_report_imports_neither_ray_nor_torch(two_runs, tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(two_runs), str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "report.json").is_file() and "| w2 |" in done.stdout
+    assert (tmp_path / "report.json").is_file() and f"| w{SHARED_WORKERS} |" in done.stdout
     assert done.stdout.splitlines()[-1] == "HEAVY []"

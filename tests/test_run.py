@@ -1,51 +1,43 @@
-"""Real runs on a real Ray head (127.0.0.1): TorchTrainer workers, Ray Data, the collector."""
+"""Real runs on a real Ray head (127.0.0.1): TorchTrainer workers, Ray Data, the collector. Most
+checks are of the session's shared run (tests/conftest.py: 3 workers, 2 epochs)."""
 
 import json
 
+from conftest import SHARED_WORKERS
 from figures_from_logs import assert_figures_match
 from pipeline.config import resolve
 from pipeline.metrics import STARTUP_STAGES
 from pipeline.records import load_records
-from pipeline.run import run
-
-
-def tiny_config(ray_head, data_root, output_dir, **overrides):
-    values = dict(data_root=str(data_root), output_dir=str(output_dir), ray_address=ray_head.address,
-                  use_gpu=False, backbone_weights="none", min_size=64, max_size=96, box_batch_size_per_image=32,
-                  batch_size=2, lr=0.005, warmup_iters=2, lr_steps=(), max_epochs=1)
-    return resolve(**{**values, **overrides})
 
 
 def val_image_count(data_root):
     return len(json.loads((data_root / "annotations" / "instances_val2017.json").read_text())["images"])
 
 
-def test_every_val_image_evaluated_exactly_once(ray_head, tiny_coco, tmp_path):
-    result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=3))
-    epochs = load_records(result["run_dir"])["epochs"]
-    assert sorted(epochs["worker"]) == [0, 1, 2]
-    # 7 val images: not a multiple of 3 (nor of 2, in the end-to-end test below), shared evenly.
-    by_worker = dict(zip(epochs["worker"], epochs["eval_images"]))
-    assert [by_worker[w] for w in (0, 1, 2)] == [3, 2, 2]
-    assert sum(epochs["eval_images"]) == val_image_count(tiny_coco) == 7
+def test_every_val_image_evaluated_exactly_once(shared_run, tiny_coco):
+    epochs = load_records(shared_run)["epochs"]
+    assert sorted(epochs["worker"]) == [0, 0, 1, 1, 2, 2]
+    # 7 val images: not a multiple of 3, shared evenly in every epoch.
+    for epoch in (0, 1):
+        by_worker = {w: n for e, w, n in zip(epochs["epoch"], epochs["worker"], epochs["eval_images"]) if e == epoch}
+        assert [by_worker[w] for w in (0, 1, 2)] == [3, 2, 2]
+    assert sum(epochs["eval_images"]) == 2 * val_image_count(tiny_coco) == 2 * 7
 
 
-def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
-    result = run(tiny_config(ray_head, tiny_coco, tmp_path, num_workers=2, max_epochs=2, run_name="e2e",
-                             worker_env="FRCNN_PROBE=on"))
-    run_dir = tmp_path / "e2e"
-    assert result["run_dir"] == str(run_dir)
+def test_a_run_end_to_end(shared_run):
+    run_dir, workers = shared_run, SHARED_WORKERS
     saved = json.loads((run_dir / "result.json").read_text())
+    assert saved["run_dir"] == str(run_dir)
 
-    # Images trained = what was fed: Ray's equal split gives each worker floor(kept / 2) images an epoch.
+    # Images trained = what was fed: Ray's equal split gives each worker floor(kept / 3) images an epoch.
     kept = saved["data"]["train"]["kept"]
     assert saved["data"]["train"]["images"] == 7 and saved["data"]["train"]["dropped_without_boxes"] == 7 - kept
-    assert saved["images_trained"] == 2 * (kept // 2) * 2
+    assert saved["images_trained"] == workers * (kept // workers) * 2
     assert saved["epochs"] == 2 and saved["converged"] is False and len(saved["map_per_epoch"]) == 2
-    assert saved["workers"] == 2 and saved["nodes"] == 1 and saved["config_label"] == "1x2"
-    assert saved["config"]["num_workers"] == 2 and saved["config"]["max_epochs"] == 2
+    assert saved["workers"] == workers and saved["nodes"] == 1 and saved["config_label"] == f"1x{workers}"
+    assert saved["config"]["num_workers"] == workers and saved["config"]["max_epochs"] == 2
     assert set(saved["versions"]) == {"python", "torch", "torchvision", "ray"}
-    assert [row["images"] for row in saved["per_worker"]] == [2 * (kept // 2)] * 2
+    assert [row["images"] for row in saved["per_worker"]] == [2 * (kept // workers)] * workers
     for key in ("e2e_time", "p_whole", "p_train", "p_core", "map", "ap50", "ap75", "mem"):
         assert key in saved
     assert saved["p_core"] >= saved["p_train"] >= saved["p_whole"] > 0
@@ -60,21 +52,21 @@ def test_two_worker_run_end_to_end(ray_head, tiny_coco, tmp_path):
     # Every figure recomputed from the raw logs, without pipeline.metrics, equals result.json's.
     assert_figures_match(run_dir)
     records = load_records(run_dir)
-    assert records["workers"]["env"] == [{"FRCNN_PROBE": "on"}] * 2  # reached the worker processes
+    assert records["workers"]["env"] == [{"FRCNN_PROBE": "on"}] * workers  # reached the worker processes
     # The epochs tile each worker's wall time: the next epoch starts where the last one ended.
-    for worker in (0, 1):
+    for worker in range(workers):
         starts, ends = zip(*((s, e) for w, s, e in zip(records["epochs"]["worker"], records["epochs"]["start"],
                                                        records["epochs"]["end"]) if w == worker))
         assert starts[1] == ends[0] and ends[1] > starts[1] > starts[0]
     assert saved["whole_time_s"] > saved["training_time_s"] + saved["evaluation_time_s"]
     assert saved["time_to_target_s"] is None and saved["joules_per_image"] is None
-    assert len(records["steps"]["worker"]) == 2 * 2 * saved["steps_per_epoch"]
+    assert len(records["steps"]["worker"]) == workers * 2 * saved["steps_per_epoch"]
     for epoch in (0, 1):
         assert sum(n for e, n in zip(records["epochs"]["epoch"], records["epochs"]["eval_images"]) if e == epoch) == 7
 
     row = (run_dir / "row.md").read_text().splitlines()
     assert row[0] == "| config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |"
-    assert row[2].startswith("| 1x2 | fp32 | / |")
+    assert row[2].startswith(f"| 1x{workers} | fp32 | / |")
 
 
 def test_every_worker_reserves_its_cpus_beside_its_device():
