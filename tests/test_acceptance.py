@@ -106,7 +106,7 @@ def test_calibrated_backbone_loads_as_the_reference_backbone(tmp_path):
 
 def test_the_whole_flow_at_toy_size_on_cpu(ray_head, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", ray_head.address)
-    spec = acceptance.Spec(steps=2, batch_size=2, image_size=64, val_images=4, min_size=64, max_size=96,
+    spec = acceptance.Spec(steps=2, batch_size=2, image_size=64, val_images=4, min_size=32, max_size=48,
                            use_gpu=False)
     results, found = acceptance.run_all(spec, tmp_path)
     assert set(results) == {"1x1 fp32", "1x1 amp"}
