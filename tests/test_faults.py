@@ -1,4 +1,4 @@
-"""Faults for real, on a head this test starts: a training worker killed by its pid mid-epoch, then
+"""Faults for real, on the session's test head: a training worker killed by its pid mid-epoch, then
 the driver killed and the run resumed by its name; a loss that diverges. The driver runs as
 `python -m pipeline run`."""
 
@@ -53,13 +53,18 @@ def training_worker_pids(ray_head) -> list[int]:
     return sorted(actor.pid for actor in actors)
 
 
+def kill_session(driver: subprocess.Popen) -> None:
+    """SIGKILL to whatever is left of the driver's session (its own, from start_new_session)."""
+    for pid in session_pids(driver.pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 def finish(driver: subprocess.Popen, log: Path, timeout: float = 240) -> None:
     """Waits for the driver to succeed; whatever is left of its session is killed in any case."""
     try:
         code = driver.wait(timeout=timeout)
     finally:
-        for pid in session_pids(driver.pid):
-            os.kill(pid, signal.SIGKILL)
+        kill_session(driver)
     assert code == 0, log.read_text()[-4000:]
 
 
@@ -103,8 +108,7 @@ def test_a_killed_worker_restarts_and_a_stopped_driver_resumes_by_its_name(ray_h
                  "the restarted group's checkpoint")
         assert first.poll() is None, "the first driver ended before it could be stopped"
     finally:
-        for pid in session_pids(first.pid):
-            os.kill(pid, signal.SIGKILL)
+        kill_session(first)
         first.wait()
     assert not (run_dir / "result.json").exists()
     second = start_driver(ray_head, twelve_steps, tmp_path, "faults", "--max-failures", "1")
@@ -128,8 +132,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_
     try:
         code = driver.wait(timeout=240)
     finally:
-        for pid in session_pids(driver.pid):
-            os.kill(pid, signal.SIGKILL)
+        kill_session(driver)
     output = log.read_text()
     assert code == 1, output[-4000:]
     last = [line for line in output.splitlines() if line.startswith("frcnn-bench:")][-1]
