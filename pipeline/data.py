@@ -65,19 +65,26 @@ class ShardingConfig(DataConfig):
     streams its own contiguous share of the val manifest's rows, so every image goes to exactly
     one worker and the workers' shares differ by at most one image whatever the split's size
     (a streaming split hands out whole blocks, and a split of up to ROWS_PER_BLOCK images went
-    to one worker). Given the val manifest and val_dataset's other arguments, from which it makes
-    the shares; the trainer's "val" dataset (the whole split, never run) only names the stream."""
+    to one worker). The trainer's "val" dataset (the whole split, never run) only names the stream.
 
-    def __init__(self, val_manifest: pa.Table, **val_options):
+    The shares' datasets are made here, by the driver, for `workers` workers (Ray Train's world
+    size: num_workers, or 1 for the loop in the driver): making one computes its blocks' metadata
+    in a Ray task (from_arrow), which in Ray Train's dataset manager, whose runtime environment no
+    idle worker process has, started a process for it on every run (2.4 s of every worker's
+    start-up here, docs/performance.md)."""
+
+    def __init__(self, val_manifest: pa.Table, workers: int, **val_options):
         super().__init__()
-        self.val_manifest, self.val_options = val_manifest, val_options
+        self.val_shares = [val_dataset(val_manifest.slice(offset, length), **val_options)
+                           for offset, length in shares(val_manifest.num_rows, workers)]
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         if set(datasets) != {"val"}:
             return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+        if world_size != len(self.val_shares):
+            raise ValueError(f"the val split was shared for {len(self.val_shares)} workers, not {world_size}")
         outputs = []
-        for offset, length in shares(self.val_manifest.num_rows, world_size):
-            share = val_dataset(self.val_manifest.slice(offset, length), **self.val_options)
+        for share in self.val_shares:
             share.context.execution_options = self._resolve_execution_options("val")
             outputs.append({"val": share.iterator()})
         return outputs

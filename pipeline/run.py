@@ -222,7 +222,7 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
         datasets={"train": data.train_dataset(plan.manifests["train"][0], config.seed, config.decode_batch_size,
                                               config.aspect_group_factor, collector, config.max_bad_images),
                   "val": data.val_dataset(val_manifest, **val_options)},
-        dataset_config=data.ShardingConfig(val_manifest, **val_options),
+        dataset_config=data.ShardingConfig(val_manifest, max(1, config.num_workers), **val_options),
     )
     try:
         with (contextlib.nullcontext() if progress is None else

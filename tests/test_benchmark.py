@@ -8,13 +8,13 @@ import ray
 from pipeline.benchmark import VARIANTS, main
 
 
-def test_benchmark_writes_side_by_side_figures(tmp_path, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def test_benchmark_writes_side_by_side_figures(ray_head, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", ray_head.address)  # the session's head: no Ray of its own to start
     try:
         main(["--output-dir", str(tmp_path), "--steps", "2", "--repeats", "1", "--min-size", "64", "--max-size", "96",
               "--eval-images", "5"])
     finally:
-        ray.shutdown()  # the local Ray the benchmark started
+        ray.shutdown()  # the benchmark's connection to the head
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert set(report["medians"]) == set(VARIANTS)
     for variant in VARIANTS:
