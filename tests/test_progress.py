@@ -54,6 +54,21 @@ def test_not_a_terminal_a_line_per_phase_and_interval():
     assert lines[1].startswith(" 50%  epoch 2/4  eval 2/16 images")
 
 
+def read_all(master: int) -> str:
+    """Everything written to the pty, whose writing end is closed: one read may return only part
+    of it, so read until the kernel says the closed end is drained (EIO on Linux)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: drained, and the other end closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
 def test_on_a_terminal_one_line_redrawn_with_a_bar():
     master, slave = pty.openpty()
     with open(slave, "w") as stream:
@@ -61,7 +76,7 @@ def test_on_a_terminal_one_line_redrawn_with_a_bar():
         progress.show(TRAINING)
         progress.show({**TRAINING, "latest": {0: (1, 5, 2.0), 1: (1, 5, 1.0)}})
         progress.show({**TRAINING, "latest": {0: (1, 9, 1.0)}, "evaluated": {0: (1, 2)}})
-    shown = os.read(master, 4096).decode()
+    shown = read_all(master)
     os.close(master)
     # The pty turns "\n" into "\r\n"; a redraw is a bare "\r".
     first, second = shown.split("\r\n")
