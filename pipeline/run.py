@@ -211,6 +211,7 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
     loop = worker_config(plan, collector)
     val_options = {"decode_batch_size": config.decode_batch_size, "collector": collector,
                    "max_bad_images": config.max_bad_images}
+    sharding = data.ShardingConfig(val_manifest, max(1, config.num_workers), **val_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
@@ -221,8 +222,8 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
                              worker_runtime_env={"env_vars": config.worker_env}),
         datasets={"train": data.train_dataset(plan.manifests["train"][0], config.seed, config.decode_batch_size,
                                               config.aspect_group_factor, collector, config.max_bad_images),
-                  "val": data.val_dataset(val_manifest, **val_options)},
-        dataset_config=data.ShardingConfig(val_manifest, max(1, config.num_workers), **val_options),
+                  "val": sharding.val_shares[0]},  # names the stream: each worker gets its own share
+        dataset_config=sharding,
     )
     try:
         with (contextlib.nullcontext() if progress is None else
