@@ -2,6 +2,7 @@
 127.0.0.1 (Ray 2.58 advertises the machine's own address for it), stopped by the test."""
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pipeline import synthetic
 
@@ -183,3 +185,76 @@ def tiny_coco(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_coco")
     return synthetic.generate(root, synthetic.SyntheticSpec(
         train_images=7, val_images=7, num_categories=3, image_size=64, empty_fraction=0.15, seed=3))
+
+
+def image_file(folder: Path, name: str, size=(48, 32), mode="RGB", **save) -> Path:
+    path = folder / name
+    Image.new(mode, size, "red" if mode == "RGB" else 128).save(path, **save)
+    return path
+
+
+def truncated(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    return path
+
+
+def make_damaged_coco(root: Path) -> Path:
+    """A synthetic set whose train split has a missing, a truncated and a wrongly sized image, a
+    grayscale and a PNG-named-.jpg one that are fine, and whose val split has a truncated one, a
+    FIFO (which blocks whoever opens it) and an entry whose file_name leaves the folder for a
+    real JPEG (../outside.jpg)."""
+    from pipeline.manifest import split_paths
+
+    root = synthetic.generate(root, synthetic.SyntheticSpec(
+        train_images=10, val_images=5, num_categories=3, image_size=64, empty_fraction=0.0, seed=8))
+    train = sorted((root / "train2017").glob("*.jpg"))
+    train[0].unlink()
+    truncated(train[1])
+    with Image.open(train[2]) as image:
+        image.resize((image.width + 8, image.height)).save(train[2])
+    with Image.open(train[3]) as image:
+        image.convert("L").save(train[3])
+    with Image.open(train[4]) as image:
+        image.save(train[4], format="PNG")
+    truncated(sorted((root / "val2017").glob("*.jpg"))[0])
+    os.mkfifo(root / "val2017" / "fifo.jpg")
+    image_file(root, "outside.jpg")  # 48x32, as its entry says: only where it lies makes it unusable
+    val_annotations = split_paths(root, "val")[0]
+    doc = json.loads(val_annotations.read_text())
+    doc["images"] += [{"id": 901, "file_name": "fifo.jpg", "width": 48, "height": 32},
+                      {"id": 902, "file_name": "../outside.jpg", "width": 48, "height": 32}]
+    val_annotations.write_text(json.dumps(doc))
+    return root
+
+
+@pytest.fixture(scope="session")
+def two_node_run(tmp_path_factory) -> dict:
+    """One real run that two tests check different things of: the smoke preset, 2 epochs, on two
+    Ray nodes on this machine (ray.cluster_utils.Cluster, as Ray's own multi-node tests do), one
+    worker per node (tests/test_multinode.py), over the damaged set, whose unusable images either
+    node's decoding tasks meet (tests/test_bad_input.py). Returns the run's result, its directory
+    and the ids of the two nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.config import resolve
+    from pipeline.run import run
+
+    folder = tmp_path_factory.mktemp("two-nodes")
+    data_root = make_damaged_coco(folder / "coco")
+    ray.shutdown()  # a module's connection to the session's head
+    # Ray picks the nodes' address itself: an explicit 127.0.0.1 here is not the address it then
+    # advertises for the GCS, and the driver cannot connect.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "gcs_server_port": free_port(), "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address)
+        result = run(resolve("smoke", data_root=str(data_root), synthetic_train_images=0, output_dir=str(folder),
+                             run_name="two-nodes", placement_strategy="SPREAD", nodes=2, max_bad_images=3,
+                             max_epochs=2))
+        node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return {"result": result, "run_dir": folder / "two-nodes", "node_ids": node_ids}

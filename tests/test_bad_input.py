@@ -3,7 +3,6 @@ images are left out, counted and named; structural and configuration errors stop
 Ray starts, in one line naming the problem."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,19 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import venv_env
+from conftest import image_file, make_damaged_coco, truncated, venv_env
 from pipeline import cli, images, synthetic
-from pipeline.config import resolve
 from pipeline.manifest import AnnotationError, build_manifest, split_paths
-from pipeline.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def image_file(folder: Path, name: str, size=(48, 32), mode="RGB", **save) -> Path:
-    path = folder / name
-    Image.new(mode, size, "red" if mode == "RGB" else 128).save(path, **save)
-    return path
 
 
 def exif_rotated(folder: Path) -> Path:
@@ -51,11 +42,6 @@ CASES = {
 }
 
 
-def truncated(path: Path) -> Path:
-    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-    return path
-
-
 def text_file(path: Path) -> Path:
     path.write_text("not an image")
     return path
@@ -75,35 +61,12 @@ def test_each_image_case(tmp_path, case):
 
 @pytest.fixture
 def damaged_coco(tmp_path) -> Path:
-    """A synthetic set whose train split has a missing, a truncated and a wrongly sized image, a
-    grayscale and a PNG-named-.jpg one that are fine, and whose val split has a truncated one, a
-    FIFO (which blocks whoever opens it) and an entry whose file_name leaves the folder for a
-    real JPEG (../outside.jpg)."""
-    root = synthetic.generate(tmp_path / "coco", synthetic.SyntheticSpec(
-        train_images=10, val_images=5, num_categories=3, image_size=64, empty_fraction=0.0, seed=8))
-    train = sorted((root / "train2017").glob("*.jpg"))
-    train[0].unlink()
-    truncated(train[1])
-    with Image.open(train[2]) as image:
-        image.resize((image.width + 8, image.height)).save(train[2])
-    with Image.open(train[3]) as image:
-        image.convert("L").save(train[3])
-    with Image.open(train[4]) as image:
-        image.save(train[4], format="PNG")
-    truncated(sorted((root / "val2017").glob("*.jpg"))[0])
-    os.mkfifo(root / "val2017" / "fifo.jpg")
-    image_file(root, "outside.jpg")  # 48x32, as its entry says: only where it lies makes it unusable
-    val_annotations = split_paths(root, "val")[0]
-    doc = json.loads(val_annotations.read_text())
-    doc["images"] += [{"id": 901, "file_name": "fifo.jpg", "width": 48, "height": 32},
-                      {"id": 902, "file_name": "../outside.jpg", "width": 48, "height": 32}]
-    val_annotations.write_text(json.dumps(doc))
-    return root
+    return make_damaged_coco(tmp_path / "coco")
 
 
-def test_unusable_images_are_left_out_counted_and_named(ray_head, damaged_coco, tmp_path):
-    result = run(resolve("smoke", data_root=str(damaged_coco), synthetic_train_images=0, output_dir=str(tmp_path),
-                         ray_address=ray_head.address, max_bad_images=3, max_epochs=2))
+def test_unusable_images_are_left_out_counted_and_named(two_node_run):
+    """On the run that tests/test_multinode.py checks too: the damaged set, decoded on two nodes."""
+    result = two_node_run["result"]
     bad = result["bad_images"]
     reasons = sorted(line.split(": ", 1)[1] for line in bad["train"])
     assert [reason.split(" ")[0] for reason in reasons] == ["cannot", "decoded", "file"], reasons
