@@ -258,3 +258,28 @@ def two_node_run(tmp_path_factory) -> dict:
         ray.shutdown()
         cluster.shutdown()
     return {"result": result, "run_dir": folder / "two-nodes", "node_ids": node_ids}
+
+
+@pytest.fixture(scope="session")
+def acceptance_flow(session_head, tmp_path_factory) -> dict:
+    """The acceptance flow at toy size on CPU workers, on the session's head: its results and
+    checks (tests/test_acceptance.py); its 1x1 fp32 run is the one-device run of the report in
+    tests/test_report.py. Returns the flow's folder, results and checks."""
+    import ray
+
+    from pipeline import acceptance
+
+    folder = tmp_path_factory.mktemp("acceptance")
+    spec = acceptance.Spec(steps=2, batch_size=2, image_size=64, val_images=4, min_size=32, max_size=48,
+                           use_gpu=False)
+    saved = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = session_head.address
+    try:
+        results, found = acceptance.run_all(spec, folder)
+    finally:
+        ray.shutdown()
+        if saved is None:
+            del os.environ["RAY_ADDRESS"]
+        else:
+            os.environ["RAY_ADDRESS"] = saved
+    return {"folder": folder, "results": results, "checks": found}

@@ -104,11 +104,8 @@ def test_calibrated_backbone_loads_as_the_reference_backbone(tmp_path):
     assert torch.equal(bn1.running_mean, state["bn1.running_mean"])
 
 
-def test_the_whole_flow_at_toy_size_on_cpu(ray_head, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_ADDRESS", ray_head.address)
-    spec = acceptance.Spec(steps=2, batch_size=2, image_size=64, val_images=4, min_size=32, max_size=48,
-                           use_gpu=False)
-    results, found = acceptance.run_all(spec, tmp_path)
+def test_the_whole_flow_at_toy_size_on_cpu(acceptance_flow):
+    results, found, folder = acceptance_flow["results"], acceptance_flow["checks"], acceptance_flow["folder"]
     assert set(results) == {"1x1 fp32", "1x1 amp"}
     fp32, amp = results["1x1 fp32"], results["1x1 amp"]
     assert fp32["config"]["fix_hp"] == "bs=2,lr=0.0025" and fp32["config"]["batch_size"] == 2
@@ -123,6 +120,6 @@ def test_the_whole_flow_at_toy_size_on_cpu(ray_head, tmp_path, monkeypatch):
     assert {"GPU nodes: driver and wheels", "1x1 fp32: CUDA device", "1x1 amp: CUDA device",
             "1x1 amp: NVML memory figure"} <= set(failed(found))
     assert "1x1 amp: loss scale moved" in [c["check"] for c in found]
-    text = (tmp_path / "acceptance.md").read_text()
+    text = (folder / "acceptance.md").read_text()
     assert "FAIL  1x1 fp32: CUDA device: CPU (" in text and "no counter (null)" in text
-    assert (tmp_path / "acceptance.json").exists()
+    assert (folder / "acceptance.json").exists()

@@ -1,13 +1,14 @@
 """Token authentication for real: a head started with RAY_AUTH_MODE=token, as both cluster
 configurations start theirs. Without the token neither `ray job submit` nor the dashboard's HTTP
 job API lets anyone in; with it the README's exact job command runs the smoke job, which writes
-its result and shows its summary (the Ray that `run` starts for debugging, which takes
-connections from this machine only, is tested in tests/test_jobs.py)."""
+its result and shows its summary. And the Ray that `run` starts for debugging takes connections
+from this machine only."""
 
 import json
 import re
 import secrets
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RayHead, venv_env
+from conftest import LOOPBACK, RayHead, listening_sockets, session_pids, stop_session, venv_env
 from test_jobs import readme_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,4 +91,28 @@ def test_a_job_without_the_token_is_refused_and_with_it_runs(token_head, tmp_pat
     assert f"| {result['config_label']} | fp32 | smoke |" in done.stdout
     assert "Ray: joined the cluster at" in done.stdout and not re.search(r"\(RayTrainWorker pid=", done.stdout)
     print(f"refused:\n{refused.stderr[-600:]}\nwrong token:\n{wrong.stderr[-600:]}\naccepted:\n{done.stdout[-400:]}")
+
+
+def test_the_local_ray_that_run_starts_listens_on_127_0_0_1_only():
+    script = ("import sys, ray\n"
+              "from pipeline.config import resolve\n"
+              "from pipeline.run import connect\n"
+              "print(connect(resolve('smoke'), verbose=False), flush=True)\n"
+              "sys.stdin.read()\n"
+              "ray.shutdown()\n")
+    env = {name: value for name, value in venv_env().items() if name != "RAY_ADDRESS"}
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, text=True, start_new_session=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        said = process.stdout.readline()
+        assert "started a local instance" in said and "listening on 127.0.0.1 only" in said, said
+        sockets = listening_sockets(session_pids(process.pid))
+        # The probe sees Ray's servers (else an empty set would pass), and none listens beyond loopback.
+        assert {"gcs_server", "raylet"} <= {name for name, _, _ in sockets}, sockets
+        assert {s for s in sockets if s[1] not in LOOPBACK} == set()
+        print("\n".join(f"{name:16} {address}:{port}" for name, address, port in sorted(sockets)))
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0
+    finally:
+        stop_session(process)
 

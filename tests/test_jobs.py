@@ -1,6 +1,6 @@
-"""The job entrypoint for real, starting its own local Ray, which takes connections from this
-machine only (the README's exact `ray job submit` command runs in tests/test_auth.py, against a
-head with token authentication; what `--verbose` shows, in tests/test_bad_input.py)."""
+"""The job entrypoint for real, starting its own local Ray (the README's exact `ray job submit`
+command runs in tests/test_auth.py, against a head with token authentication; what `--verbose`
+shows, in tests/test_bad_input.py)."""
 
 import json
 import os
@@ -8,10 +8,9 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import LOOPBACK, listening_sockets, session_pids, venv_env
+from conftest import session_pids, venv_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,28 +22,20 @@ def readme_command(prefix: str) -> str:
     return matches[0]
 
 
-def test_the_same_entrypoint_starts_a_local_ray_listening_on_127_0_0_1_only(tmp_path):
+def test_the_same_entrypoint_starts_a_local_ray_without_a_cluster(tmp_path):
     env = venv_env()
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen([sys.executable, "-m", "jobs.train", "--preset", "smoke", "--data-root",
                                 str(tmp_path / "data"), "--output-dir", str(tmp_path / "results")],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
-    sockets = set()  # what the run's processes listen on, sampled until it ends
     try:
-        deadline = time.time() + 240
-        while process.poll() is None and time.time() < deadline:
-            sockets |= listening_sockets(session_pids(process.pid))
-            time.sleep(0.5)
-        output, _ = process.communicate(timeout=max(1, deadline - time.time()))
+        output, _ = process.communicate(timeout=240)
     finally:
         for pid in session_pids(process.pid):  # whatever the local Ray left behind
             os.kill(pid, signal.SIGKILL)
     assert process.returncode == 0, output[-3000:]
-    assert "Ray: started a local instance" in output and "listening on 127.0.0.1 only" in output
-    # The probe saw Ray's servers (else an empty set would pass), and none listened beyond loopback.
-    assert {"gcs_server", "raylet"} <= {name for name, _, _ in sockets}, sockets
-    assert {s for s in sockets if s[1] not in LOOPBACK} == set()
+    assert "Ray: started a local instance" in output
     (run_dir,) = (tmp_path / "results").iterdir()
     assert json.loads((run_dir / "result.json").read_text())["workers"] == 2
     check_quiet_line_output(output)

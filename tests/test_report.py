@@ -1,5 +1,5 @@
-"""`frcnn-bench report` over the results of two real tiny runs (1 worker, and the session's shared
-run of 3), and the plots each run writes."""
+"""`frcnn-bench report` over the results of two real tiny runs (the acceptance flow's 1x1 fp32 run,
+and the session's shared run of 3 workers), and the plots each run writes."""
 
 import csv
 import json
@@ -15,23 +15,21 @@ from pipeline import cli, report
 from pipeline.plots import DPI, SIZE
 from pipeline.report import ReportError
 from pipeline.results import flagperf_row
-from pipeline.run import run
-from conftest import SHARED_WORKERS, tiny_config
+from conftest import SHARED_WORKERS
 
 PIXELS = (SIZE[0] * DPI, SIZE[1] * DPI)
 ROOT = Path(__file__).resolve().parents[1]
+ONE = "1x1-fp32"  # the acceptance flow's one-device fp32 run
 
 
 @pytest.fixture(scope="module")
-def two_runs(ray_head, shared_run, tiny_coco):
-    """The shared run's folder, with a 1-worker run beside it."""
-    folder = shared_run.parent
-    run(tiny_config(ray_head, tiny_coco, folder, num_workers=1, run_name="w1"))
-    return folder
+def two_runs(shared_run, acceptance_flow) -> dict:
+    """The two runs' directories, by run name."""
+    return {ONE: acceptance_flow["folder"] / "runs" / ONE, f"w{SHARED_WORKERS}": shared_run}
 
 
-def result(folder, name) -> dict:
-    return json.loads((folder / name / "result.json").read_text())
+def result(runs, name) -> dict:
+    return json.loads((runs[name] / "result.json").read_text())
 
 
 def check_png(path) -> None:
@@ -42,11 +40,11 @@ def check_png(path) -> None:
 
 
 def test_report_builds_the_table_from_the_results(two_runs, tmp_path, capsys):
-    cli.main(["report", str(two_runs), "--output-dir", str(tmp_path)])
+    cli.main(["report", *map(str, two_runs.values()), "--output-dir", str(tmp_path)])
     n = SHARED_WORKERS
-    one, two = result(two_runs, "w1"), result(two_runs, f"w{n}")
+    one, two = result(two_runs, ONE), result(two_runs, f"w{n}")
     table = json.loads((tmp_path / "report.json").read_text())
-    assert [row["run"] for row in table] == ["w1", f"w{n}"]
+    assert [row["run"] for row in table] == [ONE, f"w{n}"]
     for row, source in zip(table, (one, two)):
         assert row["config"] == source["config_label"] and row["precision"] == source["config"]["precision"]
         assert row["fix_hp"] == source["config"]["fix_hp"] and row["devices"] == source["workers"]
@@ -72,31 +70,31 @@ def test_report_builds_the_table_from_the_results(two_runs, tmp_path, capsys):
 
 
 def test_each_run_writes_its_plots(two_runs):
-    for name in ("w1", f"w{SHARED_WORKERS}"):
+    for name, folder in two_runs.items():
         plots = result(two_runs, name)["plots"]
         assert [p.rsplit("/", 1)[1] for p in plots] == ["loss.png", "map.png", "throughput.png", "time.png"]
         for path in plots:
-            check_png(two_runs / name / path.rsplit("/", 1)[1])
+            check_png(folder / path.rsplit("/", 1)[1])
 
 
 def test_report_refusals(two_runs, tmp_path):
     with pytest.raises(ReportError, match=f"{tmp_path}: no result.json"):
         report.main([str(tmp_path)])
-    again = json.loads((two_runs / "w1" / "result.json").read_text())
+    again = result(two_runs, ONE)
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / "result.json").write_text(json.dumps({**again, "run_name": "again"}))
-    with pytest.raises(ReportError, match=r"2 one-device fp32 runs \(w1, again\)|2 one-device fp32 runs \(again, w1\)"):
-        report.main([str(two_runs), str(tmp_path / "again"), "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(ReportError, match=rf"2 one-device fp32 runs \({ONE}, again\)|2 one-device fp32 runs \(again, {ONE}\)"):
+        report.main([*map(str, two_runs.values()), str(tmp_path / "again"), "--output-dir", str(tmp_path / "out")])
     shutil.rmtree(tmp_path / "again")
 
 
 def test_report_imports_neither_ray_nor_torch(two_runs, tmp_path):
     """`frcnn-bench report` reads results anywhere, e.g. on a laptop without a cluster: it needs
     neither Ray nor torch, and imports neither."""
-    code = ("import sys\nfrom pipeline import cli\ncli.main(['report', sys.argv[1], '--output-dir', sys.argv[2]])\n"
+    code = ("import sys\nfrom pipeline import cli\ncli.main(['report', *sys.argv[1:3], '--output-dir', sys.argv[3]])\n"
             "print('HEAVY', sorted(m for m in ('ray', 'torch', 'torchvision') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code, str(two_runs), str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, *map(str, two_runs.values()), str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "report.json").is_file() and f"| w{SHARED_WORKERS} |" in done.stdout
     assert done.stdout.splitlines()[-1] == "HEAVY []"
