@@ -66,7 +66,7 @@ class ShardingConfig(DataConfig):
     one worker and the workers' shares differ by at most one image whatever the split's size
     (a streaming split hands out whole blocks, and a split of up to ROWS_PER_BLOCK images went
     to one worker). The trainer's "val" dataset only names the stream (the driver gives it the
-first share; configure never runs it).
+    first share; configure never runs it).
 
     The shares' datasets are made here, by the driver, for `workers` workers (Ray Train's world
     size: num_workers, or 1 for the loop in the driver): making one computes its blocks' metadata

@@ -194,7 +194,8 @@ def image_file(folder: Path, name: str, size=(48, 32), mode="RGB", **save) -> Pa
 
 
 def truncated(path: Path) -> Path:
-    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
     return path
 
 
@@ -272,14 +273,10 @@ def acceptance_flow(session_head, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("acceptance")
     spec = acceptance.Spec(steps=2, batch_size=2, image_size=64, val_images=4, min_size=32, max_size=48,
                            use_gpu=False)
-    saved = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = session_head.address
-    try:
-        results, found = acceptance.run_all(spec, folder)
-    finally:
-        ray.shutdown()
-        if saved is None:
-            del os.environ["RAY_ADDRESS"]
-        else:
-            os.environ["RAY_ADDRESS"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", session_head.address)
+        try:
+            results, found = acceptance.run_all(spec, folder)
+        finally:
+            ray.shutdown()
     return {"folder": folder, "results": results, "checks": found}
