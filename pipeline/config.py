@@ -17,7 +17,7 @@ from pathlib import Path
 
 PRESETS = Path(__file__).parent / "presets"
 PRECISIONS = ("fp32", "amp", "bf16")
-PLACEMENTS = ("PACK", "SPREAD")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 # CPUs of a GPU worker when cpus_per_worker is 0 (see the field).
 GPU_WORKER_CPUS = 4
 # torchvision's recipe: lr 0.02 for 16 images a step (8 GPUs x 2 images).
@@ -49,7 +49,8 @@ class Config:
     use_gpu: bool = True  # A GPU per worker; off: CPU workers.
     # How many nodes the workers need (num_workers / nodes devices each), checked before training.
     nodes: int = 1
-    # Ray Train's placement of the workers: PACK fills a node before the next, SPREAD spreads them.
+    # Ray Train's placement of the workers: PACK fills a node before the next, SPREAD spreads them
+    # where it can, STRICT_SPREAD puts each on a node of its own (a restart waits for as many nodes).
     placement_strategy: str = "PACK"
     # Environment variables of the training worker processes (vendor switches, OMP_NUM_THREADS).
     worker_env: dict[str, str] = field(default_factory=dict)

@@ -16,6 +16,7 @@ from ray._private import ray_constants
 from ray._private import utils as ray_utils
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import data, metrics, results, synthetic
@@ -55,6 +56,19 @@ def failure_summary(error: TrainingFailedError) -> str:
         text = str(cause).strip().splitlines()
         lines.setdefault(f"{type(cause).__name__}: {text[-1] if text else ''}", []).append(str(rank))
     return "; ".join(f"worker {', '.join(ranks)}: {line}" for line, ranks in lines.items())
+
+
+# A worker group that cannot be placed (a lost node not back yet) is tried this many times, each
+# try waiting RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default): about 5 minutes for a lost
+# node to come back before the run ends (Ray Train's own default is to try forever).
+WORKER_GROUP_START_TRIES = 5
+
+
+def lost_nodes() -> list[str]:
+    """The addresses of the nodes that left the cluster and have not joined it again."""
+    nodes = ray.nodes()
+    alive = {node["NodeManagerAddress"] for node in nodes if node["Alive"]}
+    return sorted({node["NodeManagerAddress"] for node in nodes if not node["Alive"]} - alive)
 
 
 def process_start_time() -> float:
@@ -217,7 +231,8 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
         train_loop_config={"loop": loop},
         scaling_config=scaling_config(config),
         run_config=RunConfig(name=plan.run_dir.name, storage_path=str(plan.run_dir.parent),
-                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             failure_config=FailureConfig(max_failures=config.max_failures,
+                                                          controller_failure_limit=WORKER_GROUP_START_TRIES),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": config.worker_env}),
         datasets={"train": data.train_dataset(plan.manifests["train"][0], config.seed, config.decode_batch_size,
@@ -230,7 +245,10 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
               Progress(collector, plan.steps_per_epoch, config.max_epochs, val_manifest.num_rows, progress)):
             fitted = trainer.fit()
     except TrainingFailedError as error:
-        raise TrainingFailed(failure_summary(error)) from error
+        summary = failure_summary(error)
+        if isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError) and (lost := lost_nodes()):
+            summary += f"; lost, not back after {WORKER_GROUP_START_TRIES} tries: node {', '.join(lost)}"
+        raise TrainingFailed(summary) from error
     if fatal := ray.get(collector.fatal_error.remote()):  # ended early: the restarts did not train
         raise TrainingFailed(fatal)
     return fitted

@@ -158,7 +158,7 @@ def test_launcher_start_commands(launcher, key):
     assert "--num-gpus=8" in start
     assert ".venv/bin/ray start" in start  # the venv's ray, installed by setup_commands
     assert any("ray stop" in c for c in commands[:commands.index(start)])
-    assert re.search(r"export RAY_AUTH_MODE=token\b[^;]*;", start)  # token authentication on every node
+    assert re.search(r"export [^;]*\bRAY_AUTH_MODE=token\b[^;]*;", start)  # token authentication on every node
     if key == "head_start_ray_commands":
         for flag in ("--head", "--port=6379", "--dashboard-host=0.0.0.0",
                      "--autoscaling-config=~/ray_bootstrap_config.yaml"):
