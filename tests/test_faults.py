@@ -22,11 +22,14 @@ from pipeline.records import load_records
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# 24 training images: 12 steps an epoch per worker at batch 1 with 2 workers.
+TWELVE_STEPS = synthetic.SyntheticSpec(train_images=24, val_images=4, num_categories=3, image_size=64,
+                                       empty_fraction=0.0, seed=4)
+
+
 @pytest.fixture(scope="module")
 def twelve_steps(tmp_path_factory) -> Path:
-    """24 training images: 12 steps an epoch per worker at batch 1 with 2 workers."""
-    return synthetic.generate(tmp_path_factory.mktemp("data"), synthetic.SyntheticSpec(
-        train_images=24, val_images=4, num_categories=3, image_size=64, empty_fraction=0.0, seed=4))
+    return synthetic.generate(tmp_path_factory.mktemp("data"), TWELVE_STEPS)
 
 
 def start_driver(ray_head, data_root: Path, output_dir: Path, run_name: str, *extra: str) -> subprocess.Popen:
