@@ -155,9 +155,9 @@ def test_a_job_needs_the_token_and_a_python_that_can_run_the_project(cluster):
     assert code != 0 and "Authentication required" in output, output[-2000:]
     # A node whose PATH gives a python without the project (here the system's own).
     code, output = finished(cluster.submit(entry=SUBMIT.replace("python -m", "env PATH=/usr/bin:/bin python3 -m")))
-    assert code != 0
-    (line,) = [line for line in output.splitlines() if line.startswith("frcnn-bench: ")][-1:]
-    assert re.match(r"frcnn-bench: /usr/bin/python3 \(Python 3\.\d+\.\d+\) cannot run the project", line), line
+    lines = [line for line in output.splitlines() if line.startswith("frcnn-bench: ")]
+    assert code != 0 and lines, output[-2000:]
+    assert re.match(r"frcnn-bench: /usr/bin/python3 \(Python 3\.\d+\.\d+\) cannot run the project", lines[-1]), output[-2000:]
 
 
 def test_a_host_that_does_not_come_back_ends_the_run_in_one_line(cluster):
