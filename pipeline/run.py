@@ -246,7 +246,8 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
             fitted = trainer.fit()
     except TrainingFailedError as error:
         summary = failure_summary(error)
-        if isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError) and (lost := lost_nodes()):
+        unplaced = isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError)
+        if unplaced and (lost := lost_nodes()):
             summary += f"; lost, not back after {WORKER_GROUP_START_TRIES} tries: node {', '.join(lost)}"
         raise TrainingFailed(summary) from error
     if fatal := ray.get(collector.fatal_error.remote()):  # ended early: the restarts did not train

@@ -51,7 +51,8 @@ def netns_pids(namespace: str) -> list[int]:
 
 
 def clean() -> None:
-    """Removes every host and the bridge of this harness, whoever left them: a killed host's processes die with its PID namespace's first process."""
+    """Removes every host and the bridge of this harness, whoever left them: a killed host's
+    processes die with its PID namespace's first process."""
     for namespace in HOSTS:
         for pid in netns_pids(namespace):
             with contextlib.suppress(ProcessLookupError):
@@ -103,13 +104,13 @@ class Hosts:
         config = host / "sshd_config"
         config.write_text("\n".join([
             f"ListenAddress {HOSTS[name]}", f"HostKey {self.folder / 'host_key'}", "PidFile none",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password", "UsePAM no",
-            f"AllowUsers {USER}", "Subsystem sftp internal-sftp", ""]))
+            "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
+            "UsePAM no", f"AllowUsers {USER}", "Subsystem sftp internal-sftp", ""]))
         # This machine's Python and virtualenv, where they lie under /root, bound back into the home.
-        under_root = sorted({Path(p) for p in (sys.base_prefix, sys.prefix) if Path(p).is_relative_to("/root")})
-        binds = [f"mkdir -p {self.home / p.relative_to('/root')} && mount --bind {p} {self.home / p.relative_to('/root')}"
-                 for p in under_root]
+        binds = []
+        for path in sorted({Path(p) for p in (sys.base_prefix, sys.prefix) if Path(p).is_relative_to("/root")}):
+            target = self.home / path.relative_to("/root")
+            binds.append(f"mkdir -p {target} && mount --bind {path} {target}")
         script = " && ".join([f"mount --bind {host / 'tmp-ray'} /tmp/ray", *binds, f"mount --rbind {self.home} /root",
                               f"hostname {name}", f"exec {SSHD} -D -e -f {config}"])
         with open(host / "sshd.log", "a") as log:
