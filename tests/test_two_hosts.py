@@ -193,9 +193,9 @@ def test_a_job_needs_the_token_and_a_python_that_can_run_the_project(cluster):
 
 
 def test_a_host_that_does_not_come_back_ends_the_run_in_one_line(cluster):
-    # Each try to place the workers waits 5 s here instead of 60 (Ray Train's setting, which the
+    # Each try to place the workers waits 3 s here instead of 60 (Ray Train's setting, which the
     # driver passes on to its controller).
-    entry = SUBMIT.replace("python -m", "env RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=5 python -m")
+    entry = SUBMIT.replace("python -m", "env RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=3 python -m")
     job = cluster.submit(*RUN, "--data-root", str(cluster.shared / "coco"), "--run-name", "not-back", entry=entry)
     wait_for(lambda: training_worker_on("frcnn-worker") or job.poll() is not None, "the worker host's training worker")
     cluster.hosts.kill("frcnn-worker")
