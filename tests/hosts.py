@@ -50,6 +50,13 @@ def netns_pids(namespace: str) -> list[int]:
     return [int(pid) for pid in done.stdout.split()] if done.returncode == 0 else []
 
 
+def wait_until_empty(namespace: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while netns_pids(namespace) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not netns_pids(namespace), f"processes of {namespace} survived its PID namespace"
+
+
 def clean() -> None:
     """Removes every host and the bridge of this harness, whoever left them: a killed host's
     processes die with its PID namespace's first process."""
@@ -57,15 +64,14 @@ def clean() -> None:
         for pid in netns_pids(namespace):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        deadline = time.time() + 30
-        while netns_pids(namespace) and time.time() < deadline:
-            time.sleep(0.1)
+        wait_until_empty(namespace)
         run("ip", "netns", "delete", namespace, check=False)
     run("ip", "link", "delete", BRIDGE, check=False)
 
 
 class Hosts:
-    """The two hosts, the bridge and the account, under `folder` (made readable to nobody else)."""
+    """The two hosts and the bridge; their keys, configurations, logs and the ssh account's home
+    under `folder`."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -125,10 +131,7 @@ class Hosts:
         process = self.processes.pop(name)
         process.kill()
         process.wait()
-        deadline = time.time() + 30
-        while netns_pids(name) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not netns_pids(name), f"processes of {name} survived its PID namespace"
+        wait_until_empty(name)
 
     def ssh(self, name: str, command: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run(

@@ -75,26 +75,24 @@ class Cluster:
         self.repo = folder / "repo"
         self.shared = folder / "shared"
         self.config = folder / "cluster.yaml"
-        home = folder / "client"
+        home = self.home = folder / "client"
         (home / "tmp").mkdir(parents=True)  # where `ray up` caches the resolved config (tempfile's TMPDIR)
         self.env = {**os.environ, "HOME": str(home), "TMPDIR": str(home / "tmp"),
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
             self.env.pop(name, None)
-
-    def ssh_sockets(self) -> Path:
-        """Where Ray's ssh runner keeps this cluster's ControlMaster sockets, on the user's machine and
-        on the head (the same /tmp here): /tmp/ray_ssh_<user hash>/<cluster name hash>."""
+        # Where Ray's ssh runner keeps this cluster's ControlMaster sockets, on the user's machine
+        # and on the head (the same /tmp here): /tmp/ray_ssh_<user hash>/<cluster name hash>.
         name = yaml.safe_load((ROOT / "cluster" / "two-nodes-8gpu.yaml").read_text())["cluster_name"]
         user, cluster = (hashlib.sha256(text.encode()).hexdigest()[:10] for text in (getpass.getuser(), name))
-        return Path(f"/tmp/ray_ssh_{user}") / cluster
+        self.ssh_sockets = Path(f"/tmp/ray_ssh_{user}") / cluster
 
     def remove(self) -> None:
         """The hosts, and what Ray's ssh runner left outside the test's folder."""
         self.hosts.stop()
-        shutil.rmtree(self.ssh_sockets(), ignore_errors=True)
+        shutil.rmtree(self.ssh_sockets, ignore_errors=True)
         with contextlib.suppress(OSError):
-            self.ssh_sockets().parent.rmdir()  # if no other cluster's sockets are there
+            self.ssh_sockets.parent.rmdir()  # if no other cluster's sockets are there
 
     def up(self) -> float:
         """Hosts, token, `ray up`; the seconds from `ray up` until the head's `ray status` shows two nodes."""
@@ -122,7 +120,7 @@ class Cluster:
         return self.hosts.ssh("frcnn-head", f"{environment}; {command}")
 
     def alive_nodes(self) -> set[str]:
-        token = (self.folder / "client" / ".ray" / "auth_token").read_text().strip()
+        token = (self.home / ".ray" / "auth_token").read_text().strip()
         request = urllib.request.Request(f"http://{HEAD}:8265/api/v0/nodes?detail=1",
                                          headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=10) as response:
