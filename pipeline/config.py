@@ -93,12 +93,21 @@ class Config:
     target_map: float = 0.36  # The bbox mAP at which the run has converged and stops.
     # fp32, amp (fp16 autocast with loss scaling) or bf16 (bf16 autocast).
     precision: str = "fp32"
+    # TF32 for the fp32 matmuls and convolutions of CUDA devices (torch.backends.cuda.matmul and
+    # torch.backends.cudnn allow_tf32, set in every worker; the row's precision then reads
+    # "fp32 (tf32)"). Off by default: every fp32 product in full fp32, where PyTorch's own default
+    # computes convolutions in TF32 and matmuls not. CPUs have no TF32 and ignore it.
+    tf32: bool = False
     # Gradient-norm clipping; 0 is off, as in the reference. Randomly initialised short runs
     # (the demo) diverge without it.
     clip_grad_norm: float = 0.0
     seed: int = 0  # The model's initialisation and the shuffling of every epoch.
     # The row's fix_hp column: hyper-parameters changed from the reference, e.g. "bs=16,lr=0.16".
     fix_hp: str = "/"
+
+    # The device's peak TFLOP/s at the run's precision, for the utilisation figure; 0 takes it from
+    # the table of known devices in pipeline/flops.py (utilisation null for a device not there).
+    peak_tflops: float = 0.0
 
     # Restarts of the worker group from the last epoch checkpoint after a worker dies (0: fail).
     max_failures: int = 0
@@ -130,7 +139,7 @@ class Config:
         for name in ("batch_size", "max_epochs", "min_size", "max_size", "box_batch_size_per_image", "decode_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_failures", "max_bad_images", "cpus_per_worker"):
+        for name in ("max_failures", "max_bad_images", "cpus_per_worker", "peak_tflops"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.num_workers < 0:

@@ -199,7 +199,8 @@ def per_worker(steps: dict, epochs: dict, workers: dict) -> list[dict]:
         train = sum(s for w, s in zip(epochs["worker"], epochs["train_s"]) if w == worker)
         rows.append({
             "worker": worker, "node": workers["node"][i], "node_ip": workers["node_ip"][i],
-            "node_rank": workers["node_rank"][i], "device": workers["device"][i],
+            "node_rank": workers["node_rank"][i], "device": workers["device"][i], "torch": workers["torch"][i],
+            "tf32": workers["tf32"][i], "backend": workers["backend"][i],
             "mem_peak_gib": workers["mem_peak_bytes"][i] / GIB, "steps": int(count.get(worker, 0)), "images": images,
             "data_wait_s": data_wait, "compute_s": compute, "train_s": train,
             "images_per_s": images / train if train else 0.0,
@@ -222,6 +223,30 @@ def per_node(worker_rows: list[dict]) -> list[dict]:
     return list(nodes.values())
 
 
+def flop_rates(workers: dict) -> tuple[float, float] | None:
+    """(FLOPs per padded pixel, FLOPs per image of the box head) from the workers' measured
+    batches (pipeline.flops); None if no worker measured one."""
+    measured = [i for i, count in enumerate(workers["flops"]) if count is not None]
+    if not measured:
+        return None
+    box = sum(workers["box_flops"][i] for i in measured)
+    pixels = sum(workers["flops_batch_pixels"][i] for i in measured)
+    return (sum(workers["flops"][i] for i in measured) - box) / pixels, box / sum(workers["flops_images"][i] for i in measured)
+
+
+def flops_figures(steps: dict, workers: dict) -> dict:
+    """flops_trained (every step's padded pixels and images at the measured rates), flops_per_image
+    and achieved_tflops (per device, over p_core's compute time); None each without a measurement."""
+    rates = flop_rates(workers)
+    if rates is None:
+        return dict.fromkeys(("flops_per_pixel", "flops_per_box_image", "flops_trained", "flops_per_image",
+                              "achieved_tflops"))
+    trained = rates[0] * float(np.sum(steps["batch_pixels"])) + rates[1] * images_trained(steps)
+    return {"flops_per_pixel": rates[0], "flops_per_box_image": rates[1], "flops_trained": trained,
+            "flops_per_image": trained / images_trained(steps),
+            "achieved_tflops": trained / compute_time(steps) / len(workers["worker"]) / 1e12}
+
+
 def figures(steps: dict, epochs: dict, workers: dict, target_map: float) -> dict:
     """All throughput, time, energy and memory figures of a run."""
     workers_table = per_worker(steps, epochs, workers)
@@ -241,6 +266,7 @@ def figures(steps: dict, epochs: dict, workers: dict, target_map: float) -> dict
         **loss_scaling(steps),
         "joules_per_image": joules_per_image(steps, epochs),
         **memory(workers),
+        **flops_figures(steps, workers),
         "per_worker": workers_table,
         "per_node": per_node(workers_table),
     }

@@ -3,8 +3,10 @@ the data set has enough usable images for the workers, the cluster has the devic
 config asks for, every GPU node's driver runs this torch on its GPUs, and every node sees the
 data set and the run's storage."""
 
+import contextlib
 import dataclasses
 import os
+import platform
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,8 @@ class GpuFacts:
     devices: int  # CUDA devices torch sees
     given: int  # GPUs Ray gave the task
     visible: str | None  # CUDA_VISIBLE_DEVICES as Ray set it
+    device_name: str | None = None  # torch.cuda.get_device_name() of the device given
+    nccl: str | None = None  # the NCCL version torch carries (on another vendor's GPU, its library's)
 
 
 # The oldest driver series of each CUDA major version (NVIDIA's CUDA release notes).
@@ -119,8 +123,11 @@ def gpu_facts() -> GpuFacts:
         (driver, driver_cuda), error = nvml.driver_versions(), None
     except pynvml.NVMLError as failure:
         driver, driver_cuda, error = None, None, str(failure)
-    return GpuFacts(driver, driver_cuda, error, torch.__version__, torch.version.cuda, torch.cuda.is_available(),
-                    torch.cuda.device_count(), len(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    available = torch.cuda.is_available()
+    return GpuFacts(driver, driver_cuda, error, torch.__version__, torch.version.cuda, available,
+                    torch.cuda.device_count(), len(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                    torch.cuda.get_device_name() if available else None,
+                    ".".join(map(str, torch.cuda.nccl.version())) if available else None)
 
 
 def node_name(node: dict) -> str:
@@ -149,6 +156,56 @@ def check_gpu_nodes() -> list[dict]:
     if problems:
         raise PreflightError("; ".join(problems))
     return [{"node": name, **dataclasses.asdict(found)} for name, found in facts.items()]
+
+
+def cpu_name() -> str:
+    """"CPU (<model name>)" from /proc/cpuinfo, or the machine's architecture."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU ({line.split(':', 1)[1].strip()})"
+    return f"CPU ({platform.machine()})"
+
+
+@ray.remote(num_cpus=0)
+def _software() -> dict:
+    return {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "torch_hip": torch.version.hip,
+            "cpu": cpu_name()}
+
+
+def node_facts(config: Config, gpu_nodes: list[dict]) -> list[dict]:
+    """What will compute on each node, for the log and result.json ("node_facts"): its torch
+    build (torch.__version__: "2.14.1+cu130", a vendor's "2.x+mc...") and the CUDA or HIP it was
+    built for, its devices (a GPU node: the GPU's name as torch gives it, from the GPU check's
+    `gpu_nodes`, and how many Ray counts; otherwise its CPU and Ray's CPUs), and the collective
+    backend Ray Train gives the workers (nccl for GPU workers, which on another vendor's GPU is
+    the name its own library runs under, with the NCCL version that torch reports; gloo for CPU
+    workers). The workers record the backend they then had (workers.jsonl)."""
+    nodes = alive_nodes()
+    refs = [_software.options(scheduling_strategy=pinned(n)).remote() for n in nodes]
+    try:
+        answers = ray.get(refs, timeout=CHECK_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise PreflightError(f"nodes did not answer the software check in {CHECK_TIMEOUT_S} s") from None
+    gpus = {gpu["node"]: gpu for gpu in gpu_nodes}
+    facts = []
+    for node, found in zip(nodes, answers):
+        gpu = gpus.get(node_name(node))
+        facts.append({"node": node_name(node), **found,
+                      "device": gpu["device_name"] if gpu else found["cpu"],
+                      "devices": int(node["Resources"].get("GPU" if gpu else "CPU", 0)),
+                      "backend": "nccl" if config.use_gpu else "gloo",
+                      "backend_version": gpu["nccl"] if gpu else None})
+    return facts
+
+
+def describe_node(facts: dict) -> str:
+    """One node's facts as the run's log shows them."""
+    built = "".join(f" ({name} {facts[key]})" for name, key in (("CUDA", "torch_cuda"), ("HIP", "torch_hip"))
+                    if facts[key])
+    backend = facts["backend"] + (f" {facts['backend_version']}" if facts["backend_version"] else "")
+    return (f"node {facts['node']}: torch {facts['torch']}{built}, {facts['devices']} x {facts['device']}, "
+            f"collective backend {backend}")
 
 
 @ray.remote(num_cpus=0)

@@ -51,3 +51,14 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for amp, on every device: fp16 gradients can underflow. bf16 has fp32's range
     and needs none; the scaler is then disabled (its scale reads 1.0)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "amp")
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 on or off for this process's fp32 matmuls and cuDNN convolutions (the Config's tf32)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def tf32_state() -> dict:
+    """The two TF32 switches as this process has them."""
+    return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}

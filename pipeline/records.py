@@ -21,7 +21,13 @@ workers (one row per worker): worker, node (Ray's node id), node_ip, node_rank (
        NVML's total: FlagPerf's figure), "torch reserved" (a GPU without NVML: PyTorch's peak
        reservation over torch's total) or "cpu rss" (the worker process's peak RSS over the
        node's RAM); mem_torch_reserved_bytes (PyTorch's peak reservation on a GPU, None on a
-       CPU); env (the configured worker_env as the worker process had it).
+       CPU); torch (its torch.__version__, the build string: "2.14.1+cu130", a vendor's
+       "2.x+mc..."); tf32 (the matmul and cudnn TF32 switches as the process had them);
+       backend (the process group's: gloo, nccl), backend_version (NCCL's, on nccl); env (the
+       configured worker_env as the worker process had it); flops, box_flops,
+       flops_batch_pixels, flops_images: the FLOPs of a training step on the worker's first
+       batch, its box head's share, that batch's padded pixels and images (pipeline.flops),
+       None for a worker that trained no step.
 attempts (one row per start of the worker group), bad_images (images left out): see TABLES.
 
 The small tables are JSON lines files (NAME.jsonl); a checkpoint holds them and step_log.json,
@@ -72,7 +78,8 @@ TABLES = {
     "epochs": ("worker", "epoch", "start", "end", "wall_s", "train_s", "eval_s", "eval_images", "map", "ap50", "ap75",
                "energy_j"),
     "workers": ("worker", "node", "node_ip", "node_rank", "device", "mem_peak_bytes", "mem_total_bytes", "mem_kind",
-                "mem_torch_reserved_bytes", "env"),
+                "mem_torch_reserved_bytes", "torch", "tf32", "backend", "backend_version", "env", "flops", "box_flops",
+                "flops_batch_pixels", "flops_images"),
     # One row per start of the worker group. time_lost_s: from the end of the last step kept (or
     # the previous attempt's start) to this start; lost_*: work of the failed attempt not kept.
     "attempts": ("attempt", "start_epoch", "started", "resumed", "lost_steps", "lost_images", "time_lost_s"),

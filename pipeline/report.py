@@ -7,7 +7,10 @@ and, to show how the job scales:
   devices             the run's training workers (one device each);
   p_train_per_device  p_train / devices;
   scaling_efficiency  p_train_per_device / the p_train of the 1-device run of the same precision
-                      (none without such a run; two such runs are an error: say which one).
+                      (none without such a run; two such runs are an error: say which one);
+  tflops_per_device   the TFLOP/s each device achieved over the compute time (pipeline.flops);
+  utilisation         tflops_per_device / the device's peak at the run's precision (none when
+                      the peak is not known).
 
 Written to --output-dir: report.md, report.csv and report.json (the numbers unrounded) and
 throughput_vs_devices.png.
@@ -19,9 +22,10 @@ import json
 from pathlib import Path
 
 from pipeline import plots
-from pipeline.results import ROW_COLUMNS, number, flagperf_row, markdown_table
+from pipeline.results import ROW_COLUMNS, flagperf_row, markdown_table, number, precision_label
 
-COLUMNS = ("run", *ROW_COLUMNS, "devices", "p_train_per_device", "scaling_efficiency")
+COLUMNS = ("run", *ROW_COLUMNS, "devices", "p_train_per_device", "scaling_efficiency", "tflops_per_device",
+           "utilisation")
 
 
 class ReportError(ValueError):
@@ -44,9 +48,10 @@ def rows(results: list[dict]) -> list[dict]:
     for result in results:
         devices = result["workers"]
         table.append({"run": result["run_name"], "config": result["config_label"],
-                      "precision": result["config"]["precision"], "fix_hp": result["config"]["fix_hp"],
+                      "precision": precision_label(result["config"]), "fix_hp": result["config"]["fix_hp"],
                       **{key: result[key] for key in ("e2e_time", "p_whole", "p_train", "p_core", "map", "mem")},
-                      "devices": devices, "p_train_per_device": result["p_train"] / devices})
+                      "devices": devices, "p_train_per_device": result["p_train"] / devices,
+                      "tflops_per_device": result["achieved_tflops"], "utilisation": result["utilisation"]})
     for row in table:
         singles = [r for r in table if r["devices"] == 1 and r["precision"] == row["precision"]]
         if len(singles) > 1:
@@ -62,7 +67,9 @@ def markdown(table: list[dict], results_by_run: dict) -> str:
         efficiency = row["scaling_efficiency"]
         shown.append({"run": row["run"], **flagperf_row(results_by_run[row["run"]]), "devices": row["devices"],
                       "p_train_per_device": number(row["p_train_per_device"]),
-                      "scaling_efficiency": "/" if efficiency is None else f"{100 * efficiency:.1f}%"})
+                      "scaling_efficiency": "/" if efficiency is None else f"{100 * efficiency:.1f}%",
+                      "tflops_per_device": "/" if row["tflops_per_device"] is None else f"{row['tflops_per_device']:.3g}",
+                      "utilisation": "/" if row["utilisation"] is None else f"{100 * row['utilisation']:.1f}%"})
     return markdown_table(shown, columns=COLUMNS)
 
 

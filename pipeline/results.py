@@ -12,8 +12,8 @@ from pipeline.records import step_log_epochs, write_atomically
 
 RUN_CONFIG = "config.json"
 # What a resumed run may change: where the cluster, the results directory and the downloaded
-# weights are, how many restarts.
-RESUME_MAY_CHANGE = ("output_dir", "ray_address", "weights_cache", "max_failures")
+# weights are, how many restarts, the peak that utilisation is reckoned against.
+RESUME_MAY_CHANGE = ("output_dir", "ray_address", "weights_cache", "max_failures", "peak_tflops")
 
 ROW_COLUMNS = ("config", "precision", "fix_hp", "e2e_time", "p_whole", "p_train", "p_core", "map", "mem")
 
@@ -23,10 +23,15 @@ def number(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:#.3g}"
 
 
+def precision_label(config: dict) -> str:
+    """The row's precision: the config's, with "(tf32)" when the fp32 products ran in TF32."""
+    return config["precision"] + (" (tf32)" if config["tf32"] else "")
+
+
 def flagperf_row(result: dict) -> dict:
     return {
         "config": result["config_label"],
-        "precision": result["config"]["precision"],
+        "precision": precision_label(result["config"]),
         "fix_hp": result["config"]["fix_hp"],
         "e2e_time": f"{result['e2e_time']:.0f}",
         "p_whole": number(result["p_whole"]),
@@ -58,6 +63,7 @@ def summary(result: dict) -> str:
                   f"{result['config']['target_map']}: " + (f"{target:.1f} s" if target is not None else "not reached"),
               "energy: " + (f"{energy:.2f} J per image over the training phases (NVML)" if energy is not None
                             else "no energy counter on these devices (null)")]
+    lines.append(compute_line(result))
     if result["startup"] is not None:
         lines.append(startup_line(result["startup"], result["init_time"]))
     if result["config"]["precision"] == "amp":
@@ -80,6 +86,19 @@ def summary(result: dict) -> str:
     if bad:
         lines.append(f"images left out as unusable: {bad} (listed in result.json)")
     return "\n".join(lines) + "\n"
+
+
+def compute_line(result: dict) -> str:
+    """The FLOPs and how much of the device they used (pipeline.flops)."""
+    if result["flops_per_image"] is None:
+        return "compute: no FLOPs measured (no worker trained a step)"
+    line = (f"compute: {result['flops_per_image'] / 1e9:.1f} GFLOP per image trained (forward and backward, "
+            f"torch's FLOP counter), {result['achieved_tflops']:.3g} TFLOP/s per device over the compute time; ")
+    if result["utilisation"] is None:
+        return line + (f"utilisation unknown: no {result['compute_precision']} peak known for "
+                       f"{', '.join(result['devices'])} (give it with --peak-tflops)")
+    return line + (f"utilisation {100 * result['utilisation']:.1f}% of {result['peak_tflops']:g} TFLOP/s "
+                   f"({result['compute_precision']}, {result['peak_source']})")
 
 
 STARTUP_NAMES = {"imports": "imports", "data": "data set", "ray": "Ray", "checks": "checks",

@@ -19,11 +19,12 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import data, metrics, results, synthetic
+from pipeline import data, flops, metrics, results, synthetic
 from pipeline.collector import Collector
 from pipeline.config import Config, to_dict
 from pipeline.manifest import build_manifest, split_paths
-from pipeline.preflight import check_data_sizes, check_gpu_nodes, check_nodes_see, check_resources
+from pipeline.preflight import (check_data_sizes, check_gpu_nodes, check_nodes_see, check_resources, describe_node,
+                                node_facts)
 from pipeline.progress import Progress, quiet_ray_data, quiet_ray_init_options
 from pipeline.records import load_steps, write_tables
 from pipeline.train_loop import LoopConfig, train_loop_per_worker
@@ -185,6 +186,9 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     quiet_ray_data(verbose)
     check_resources(config)
     gpu_nodes = check_gpu_nodes() if config.use_gpu else []
+    nodes = node_facts(config, gpu_nodes)
+    if progress is not None:
+        print("\n".join(map(describe_node, nodes)), file=progress, flush=True)
     plan = fetch_weights(plan)
     annotations, images = zip(*plan.paths.values())
     check_nodes_see([p.resolve() for p in (*annotations, *images, *plan.weights)], plan.run_dir.parent)
@@ -200,7 +204,7 @@ def run(config: Config, verbose: bool = False, progress=None) -> dict:
     data_facts = {"root": str(plan.root.resolve()),
                   **{split: stats.__dict__ for split, (_, stats) in plan.manifests.items()}}
     return write_results(config, plan.run_dir, records, {"process_start": process_start, "gpu_nodes": gpu_nodes,
-                                                         "startup": {**marks, **worker_marks},
+                                                         "node_facts": nodes, "startup": {**marks, **worker_marks},
                                                          "steps_per_epoch": plan.steps_per_epoch, "data": data_facts})
 
 
@@ -258,13 +262,16 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
 def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> dict:
     """The figures from the step log and the tables, result.json, row.md, the tables and the
     plots into the run directory; returns result.json's content. `facts`: process_start, startup
-    (the driver's and the workers' marks: metrics.startup), steps_per_epoch, data and gpu_nodes
-    (what the GPU check found), as result.json shows them."""
+    (the driver's and the workers' marks: metrics.startup), steps_per_epoch, data, gpu_nodes
+    (what the GPU check found) and node_facts (preflight.node_facts), as result.json shows them."""
     steps = load_steps(run_dir)
     figures = metrics.figures(steps, records["epochs"], records["workers"], config.target_map)
     epochs = records["epochs"]
     rank0 = [i for i, worker in enumerate(epochs["worker"]) if worker == 0]
     final = rank0[-1]
+    precision = flops.compute_precision(config.precision, config.tf32)
+    peak, peak_source = flops.peak(records["workers"]["device"], precision, config.peak_tflops)
+    achieved = figures["achieved_tflops"]
     result = {
         "run_name": run_dir.name,
         "run_dir": str(run_dir),
@@ -290,6 +297,11 @@ def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> 
         "nodes": len(set(records["workers"]["node"])),
         "devices": sorted(set(records["workers"]["device"])),
         "gpu_nodes": facts["gpu_nodes"],
+        "node_facts": facts["node_facts"],
+        # The precision of the tensor math: what the peak is taken at, and the row shows.
+        "compute_precision": precision,
+        "peak_tflops": peak, "peak_source": peak_source,
+        "utilisation": achieved / peak if peak and achieved is not None else None,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": importlib.metadata.version("torchvision"), "ray": ray.__version__},
         "config": to_dict(config),

@@ -109,14 +109,16 @@ def measure(workers: int, steps: int, epochs: int, fail_epoch: int, out: Path) -
     run_epochs(collector, team, range(fail_epoch, epochs), steps, checkpoints, timings)
     ray.get([collector.add_worker.remote({"worker": rank, "node": "node", "node_ip": "127.0.0.1", "node_rank": 0,
                                          "device": "none", "mem_peak_bytes": 1, "mem_total_bytes": 2,
-                                         "mem_kind": "cpu rss", "mem_torch_reserved_bytes": None, "env": {}})
+                                         "mem_kind": "cpu rss", "mem_torch_reserved_bytes": None, "env": {},
+                                         **dict.fromkeys(("torch", "tf32", "backend", "backend_version", "flops",
+                                                          "box_flops", "flops_batch_pixels", "flops_images"))})
              for rank in range(workers)])
     actor_peak = memory_bytes(collector, "VmHWM")
 
     start = time.perf_counter()
     records = ray.get(collector.records.remote())
     write_results(resolve("2x8-amp"), run_dir, records, {"process_start": time.time(), "steps_per_epoch": steps,
-                                                         "data": {}, "gpu_nodes": []})
+                                                         "data": {}, "gpu_nodes": [], "node_facts": []})
     finishing = time.perf_counter() - start
     start = time.perf_counter()
     report.main([str(run_dir), "--output-dir", str(out / "report")])

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from pipeline import recipe
+from pipeline import flops, recipe
 from pipeline.config import Config
 from pipeline.records import StepRow
 
@@ -66,6 +66,9 @@ def to_device(images: list[torch.Tensor], targets: list[dict], device: torch.dev
     return images, targets
 
 
+FLOP_COUNTS = ("flops", "box_flops", "flops_batch_pixels", "flops_images")
+
+
 class Training:
     """One worker's training: the model (DDP-wrapped or not), SGD and the loss scaler of the
     precision (pipeline.recipe), and the probe of the padded batches. `epoch` trains one epoch."""
@@ -75,6 +78,8 @@ class Training:
         self.optimizer = recipe.make_optimizer(model, config)
         self.scaler = recipe.grad_scaler(config.precision, device)
         self.padding = PaddingProbe(model)
+        self.first_batch = None  # (images, targets) of the first step, kept for count_flops
+        recipe.set_tf32(config.tf32)
 
     def epoch(self, next_batch: Callable, worker: int, epoch: int, steps_per_epoch: int) -> Iterator[StepRow]:
         """Steps until `next_batch()` (which gives (images, targets) on the CPU) gives None: each
@@ -93,6 +98,9 @@ class Training:
                 return
             barrier(self.device)
             images, targets = batch
+            if self.first_batch is None:  # copied: the batch's memory is the stream's
+                self.first_batch = ([image.clone() for image in images],
+                                    [{k: v.clone() for k, v in target.items()} for target in targets])
             compute_start = time.perf_counter()
             lr = recipe.apply_learning_rate(self.optimizer, self.config, epoch, index, steps_per_epoch)
             loss, loss_scale, skipped = self.train_step(images, targets)
@@ -126,3 +134,13 @@ class Training:
         loss_value = loss.item()
         synchronize(self.device)
         return loss_value, new_scale, new_scale < scale
+
+    def count_flops(self) -> dict:
+        """FLOP_COUNTS of a training step on the first batch this trainer trained on (see
+        pipeline.flops.measure): the whole pass, the box head's share, the batch's padded pixels
+        and images; None each before any step. No optimizer step: the model is left as it was."""
+        if self.first_batch is None:
+            return dict.fromkeys(FLOP_COUNTS)
+        images, targets = to_device(*self.first_batch, self.device)
+        whole, box = flops.measure(unwrap(self.model), images, targets)
+        return dict(zip(FLOP_COUNTS, (whole, box, self.padding.batch_pixels, len(images))))

@@ -9,7 +9,6 @@ collector (see pipeline.metrics for what each one measures).
 import contextlib
 import math
 import os
-import platform
 import queue
 import resource
 import threading
@@ -17,18 +16,18 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, evaluation, step
+from pipeline import checkpoint, evaluation, recipe, step
 from pipeline.collector import StepSender
 from pipeline.config import Config
 from pipeline.model import build_model
 from pipeline.nvml import UsedMemoryPeak, energy_meter, used_memory_peak
+from pipeline.preflight import cpu_name
 
 
 @dataclass(frozen=True)
@@ -221,15 +220,6 @@ def evaluate(model, batches: Prefetched, config: Config, device: torch.device, g
     return result[0], inferred
 
 
-def cpu_name() -> str:
-    """"CPU (<model name>)" from /proc/cpuinfo, or the machine's architecture."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU ({line.split(':', 1)[1].strip()})"
-    return f"CPU ({platform.machine()})"
-
-
 def memory_record(device: torch.device, used_memory: UsedMemoryPeak | None) -> dict:
     """The worker's device and peak memory (its row of the workers table). On CUDA the device's
     used memory as NVML counts it, over NVML's total ("nvml used", FlagPerf's figure), or where
@@ -248,6 +238,15 @@ def memory_record(device: torch.device, used_memory: UsedMemoryPeak | None) -> d
             "mem_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "mem_torch_reserved_bytes": None}
+
+
+def collective() -> dict:
+    """The process group's backend as torch.distributed has it ("nccl": on a GPU of another vendor,
+    the name under which its own collective library runs), with NCCL's version on nccl (what that
+    library reports on such hardware); None without a process group."""
+    backend = dist.get_backend() if dist.is_initialized() else None
+    version = ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl" else None
+    return {"backend": backend, "backend_version": version}
 
 
 def torch_threads(config: Config) -> int:
@@ -339,10 +338,14 @@ class Worker:
         self.epoch_clock = clock
 
     def finish(self) -> None:
-        """The worker's row: where it ran, its device and peak memory, its environment."""
+        """The worker's row: where it ran, its device and peak memory, what computed (torch, the
+        TF32 switches, the collective backend), its environment, and the FLOPs of its first
+        batch (counted now, after every timed phase: see pipeline.flops)."""
+        memory = memory_record(self.device, self.used_memory)  # before the count's own allocations
+        counts = self.training.count_flops()
         ray.get(self.collector.add_worker.remote({
             "worker": self.rank, "node": ray.get_runtime_context().get_node_id(),
             "node_ip": ray.util.get_node_ip_address(), "node_rank": self.context.get_node_rank(),
-            **memory_record(self.device, self.used_memory),
+            **memory, "torch": torch.__version__, "tf32": recipe.tf32_state(), **collective(),
             # The configured environment as this process actually had it.
-            "env": {name: os.environ.get(name) for name in self.config.worker_env}}))
+            "env": {name: os.environ.get(name) for name in self.config.worker_env}, **counts}))

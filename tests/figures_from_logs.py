@@ -37,6 +37,10 @@ def figures_from_logs(run_dir: Path, target_map: float, process_start: float) ->
     used, total = peak["mem_peak_bytes"] / GIB, peak["mem_total_bytes"] / GIB
     reserved = [row["mem_torch_reserved_bytes"] for row in workers]
     own = [row["start"] for row in steps if row["start"] >= process_start]
+    # FLOPs: each worker's first batch measured, at the rates of all of them (pipeline/flops.py).
+    box = sum(row["box_flops"] for row in workers)
+    per_pixel = (sum(row["flops"] for row in workers) - box) / sum(row["flops_batch_pixels"] for row in workers)
+    flops = per_pixel * sum(row["batch_pixels"] for row in steps) + box / sum(row["flops_images"] for row in workers) * images
     return {
         "images_trained": images,
         "whole_time_s": whole,
@@ -58,6 +62,8 @@ def figures_from_logs(run_dir: Path, target_map: float, process_start: float) ->
         "mem": f"{used:.1f}/{total:.1f}" + ("" if peak["mem_kind"] == "nvml used" else f" ({peak['mem_kind']})"),
         "mem_torch_reserved_gib": None if None in reserved else max(reserved) / GIB,
         "init_time": min(own) - process_start if own else None,
+        "flops_per_image": flops / images,
+        "achieved_tflops": flops / compute / len(workers) / 1e12,
         "map": [row["map"] for row in epochs if row["worker"] == 0][-1],
     }
 

@@ -67,7 +67,8 @@ def test_linear_lr_rule():
     assert resolve().lr == pytest.approx(0.02)  # the base config is the reference 1x8
 
 
-# preset: (workers, nodes, batch, lr, precision, fix_hp, worker_env)
+# preset: (workers, nodes, batch, lr, precision, fix_hp, worker_env); the c500 rows are the case
+# page's table (../shared/seed): 1x1 fp32 '/', 1x8 and 2x8 fp32 bs=8,lr=0.08.
 ROWS = {
     "1x1": (1, 1, 2, 0.0025, "fp32", "/", {}),
     "1x8": (8, 1, 2, 0.02, "fp32", "/", {}),
@@ -92,6 +93,7 @@ def test_presets_give_their_table_row(preset):
     assert config.lr == pytest.approx(lr)
     assert (config.precision, config.fix_hp, config.worker_env) == (precision, fix_hp, env)
     assert config.use_gpu is True and config.preset == preset
+    assert config.tf32 is preset.startswith("c500")  # FlagPerf's metax configuration; the others: full fp32
     assert (config.min_size, config.max_size, config.max_epochs, config.backbone_weights) == (800, 1333, 26, "imagenet")
 
 

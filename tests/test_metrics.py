@@ -52,7 +52,17 @@ WORKERS = {
     "mem_total_bytes": [40 * GIB, 40 * GIB],
     "mem_kind": ["nvml used", "nvml used"],
     "mem_torch_reserved_bytes": [int(4.25 * GIB), 7 * GIB],
+    "torch": ["2.14.1+cu130", "2.14.1+cu130"],
+    "tf32": [{"matmul": True, "cudnn": True}] * 2,
+    "backend": ["nccl", "nccl"],
+    "backend_version": ["2.27.5", "2.27.5"],
     "env": [{"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "1"}],
+    # Each worker's first batch: 1.5e12 FLOPs of which 0.5e12 in the box head, on 2 images
+    # padded to 800 x 1216 (1,945,600 pixels).
+    "flops": [1.5e12, 1.5e12],
+    "box_flops": [0.5e12, 0.5e12],
+    "flops_batch_pixels": [1_945_600, 1_945_600],
+    "flops_images": [2, 2],
 }
 
 
@@ -214,6 +224,11 @@ def test_figures_collects_everything():
     assert figures["loss_per_epoch"] == [1.8125, 1.125]
     assert figures["mem"] == "7.9/40.0"
     assert [row["worker"] for row in figures["per_worker"]] == [0, 1]
+    assert [row["backend"] for row in figures["per_worker"]] == ["nccl", "nccl"]
+    pixels = sum(STEPS["batch_pixels"])
+    flops_trained = 1e12 / 1_945_600 * pixels + 0.25e12 * 12
+    assert figures["flops_trained"] == pytest.approx(flops_trained)
+    assert figures["achieved_tflops"] == pytest.approx(flops_trained / 3.0 / 2 / 1e12)
     assert figures["per_node"] == [
         {"node": "a", "node_ip": "10.0.0.1", "node_rank": 0, "workers": 1, "images": 6, "data_wait_s": 0.75,
          "compute_s": 1.5},
@@ -248,7 +263,7 @@ def test_records_round_trip(tmp_path):
 
 RESULT = {
     "config_label": "1x8 A100",
-    "config": {"precision": "amp", "fix_hp": "bs=16,lr=0.16"},
+    "config": {"precision": "amp", "tf32": False, "fix_hp": "bs=16,lr=0.16"},
     "e2e_time": 1234.6,
     "p_whole": 123.4,
     "p_train": 12.345,
@@ -263,6 +278,11 @@ def test_flagperf_row():
         "config": "1x8 A100", "precision": "amp", "fix_hp": "bs=16,lr=0.16", "e2e_time": "1235",
         "p_whole": "123", "p_train": "12.3", "p_core": "0.812", "map": "37.0%", "mem": "7.9/40.0",
     }
+
+
+def test_the_row_says_when_fp32_ran_in_tf32():
+    tf32 = {**RESULT, "config": {**RESULT["config"], "precision": "fp32", "tf32": True}}
+    assert results.flagperf_row(tf32)["precision"] == "fp32 (tf32)"
 
 
 def test_markdown_table():

@@ -64,7 +64,9 @@ def test_report_builds_the_table_from_the_results(two_runs, tmp_path, capsys):
     assert markdown[0].startswith("| run | config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |")
     shown = flagperf_row(two)
     assert markdown[3].startswith(f"| w{n} | {' | '.join(str(shown[c]) for c in shown)} | {n} |")
-    assert markdown[3].endswith(f" | {100 * table[1]['scaling_efficiency']:.1f}% |")
+    assert table[1]["tflops_per_device"] == two["achieved_tflops"] and table[1]["utilisation"] is None  # a CPU
+    assert markdown[3].endswith(f" | {100 * table[1]['scaling_efficiency']:.1f}% | "
+                                f"{two['achieved_tflops']:.3g} | / |")
     assert capsys.readouterr().out.startswith(markdown[0])
     check_png(tmp_path / "throughput_vs_devices.png")
 

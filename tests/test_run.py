@@ -3,11 +3,13 @@ checks are of the session's shared run (tests/conftest.py: 3 workers, 2 epochs).
 
 import json
 
+import torch
 from conftest import SHARED_WORKERS
 from figures_from_logs import assert_figures_match
 from pipeline.config import resolve
 from pipeline.metrics import STARTUP_STAGES
 from pipeline.records import load_records
+from pipeline.step import FLOP_COUNTS
 
 
 def val_image_count(data_root):
@@ -53,6 +55,20 @@ def test_a_run_end_to_end(shared_run):
     assert_figures_match(run_dir)
     records = load_records(run_dir)
     assert records["workers"]["env"] == [{"FRCNN_PROBE": "on"}] * workers  # reached the worker processes
+    # What computed, per node and per worker: the preflight's view, then each worker's own. TF32
+    # off as configured, cuDNN's included, which PyTorch's default has on.
+    [node] = saved["node_facts"]
+    assert node["node"].endswith(f" ({records['workers']['node'][0][:8]})") and node["torch"] == torch.__version__
+    assert node["device"].startswith("CPU (") and node["devices"] == 5 and node["backend"] == "gloo"
+    assert records["workers"]["torch"] == [torch.__version__] * workers
+    assert records["workers"]["tf32"] == [{"matmul": False, "cudnn": False}] * workers
+    assert records["workers"]["backend"] == ["gloo"] * workers and saved["compute_precision"] == "fp32"
+    # Each worker counted the FLOPs of its first batch: the box head a part, the rest at least as
+    # much (a box head on 32 RoIs an image against a ResNet-50 on 64-96 px images).
+    for whole, box, pixels, images in zip(*(records["workers"][key] for key in FLOP_COUNTS)):
+        assert 0 < box < whole - box and images == 2 and pixels >= 2 * 64 * 64
+    assert saved["flops_per_image"] > 1e9 and saved["achieved_tflops"] > 0
+    assert saved["peak_tflops"] is None and saved["utilisation"] is None  # a CPU: no peak known
     # The epochs tile each worker's wall time: the next epoch starts where the last one ended.
     for worker in range(workers):
         starts, ends = zip(*((s, e) for w, s, e in zip(records["epochs"]["worker"], records["epochs"]["start"],
