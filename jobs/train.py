@@ -9,13 +9,11 @@ cluster must be storage every node shares.
 A job's `python` is whichever the node's PATH gives (Ray's, when Ray was started from a shell
 that had the project's virtualenv first on PATH). Before anything else, the entrypoint checks
 that this python can run the project: Python 3.11 and every dependency of pyproject.toml
-installed; if not, it ends with one line naming the python and what it lacks.
+installed, none below its floor (pipeline/versions.py); if not, it ends with one line naming the
+python and what it lacks.
 """
 
-import re
 import sys
-from importlib import metadata
-from pathlib import Path
 
 FIX = ("start Ray from a shell with the project's virtualenv first on PATH, as cluster/two-nodes-8gpu.yaml does, "
        "or submit with a runtime environment that provides them")
@@ -26,18 +24,15 @@ def environment_problem() -> str | None:
     here = f"{sys.executable} (Python {sys.version.split()[0]})"
     if sys.version_info[:2] != (3, 11):
         return f"{here} cannot run the project, which needs Python 3.11; {FIX}"
-    import tomllib
+    from pipeline import versions  # the standard library only: nothing of the project's dependencies yet
 
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
-    missing = []
-    for requirement in project["dependencies"]:
-        name = re.match(r"[A-Za-z0-9._-]+", requirement).group()
-        try:
-            metadata.version(name)
-        except metadata.PackageNotFoundError:
-            missing.append(name)
-    if missing:
-        return f"{here} cannot run the project: {', '.join(missing)} not installed; {FIX}"
+    lacking = []
+    if absent := versions.missing():
+        lacking.append(f"{', '.join(absent)} not installed")
+    if old := versions.below_floor():
+        lacking.append(f"{', '.join(old)} installed")
+    if lacking:
+        return f"{here} cannot run the project: {'; '.join(lacking)}; {FIX}"
     return None
 
 

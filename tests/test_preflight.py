@@ -11,7 +11,8 @@ from conftest import RayHead, venv_env
 from pipeline import synthetic
 from pipeline.config import resolve
 from pipeline.nvml import cuda_version
-from pipeline.preflight import GpuFacts, PreflightError, check_gpu_nodes, check_nodes_see, gpu_problem
+from pipeline.preflight import (GpuFacts, PreflightError, check_gpu_nodes, check_nodes_see, describe_node,
+                                gpu_problem)
 from pipeline.run import run
 
 
@@ -143,3 +144,15 @@ def test_the_gpu_check_runs_on_each_gpu_node_and_names_it(tmp_path):
     finally:
         ray.shutdown()
         head.stop()
+
+
+def test_the_log_line_of_a_node_says_what_computes_there():
+    metax = {"node": "10.0.0.5 (ab12cd34)", "torch": "2.4.0+mc2.29.0.9", "torch_cuda": "11.6", "torch_hip": None,
+             "cpu": "CPU (Hygon C86 7390)", "device": "MetaX C500", "devices": 8, "backend": "nccl",
+             "backend_version": "2.18.3"}
+    assert describe_node(metax) == ("node 10.0.0.5 (ab12cd34): torch 2.4.0+mc2.29.0.9 (CUDA 11.6), 8 x MetaX C500, "
+                                    "collective backend nccl 2.18.3")
+    cpu = {**metax, "torch": "2.14.1+cpu", "torch_cuda": None, "device": "CPU (Hygon C86 7390)", "devices": 64,
+           "backend": "gloo", "backend_version": None}
+    assert describe_node(cpu) == ("node 10.0.0.5 (ab12cd34): torch 2.14.1+cpu, 64 x CPU (Hygon C86 7390), "
+                                  "collective backend gloo")
