@@ -1,7 +1,7 @@
 """The cluster configurations in cluster/: the Ray launcher YAML goes through Ray's own
 validation (as `ray up` does), the KubeRay RayJob has the fields KubeRay requires, both run
-the same entrypoint, and the image the RayJob runs (cluster/Dockerfile) is built on the Ray and
-Python that pyproject.toml pins. No Ray cluster is started, no image is built."""
+the same entrypoint, and the image the RayJob runs (cluster/Dockerfile) is built on the Ray that
+constraints.txt pins and the Python that pyproject.toml admits. No Ray cluster is started, no image is built."""
 
 import copy
 import re
@@ -13,7 +13,6 @@ import click
 import jsonschema
 import pytest
 import yaml
-from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -49,12 +48,10 @@ def after_dashdash(argv: list[str]) -> list[str]:
 
 
 def pinned_ray() -> str:
-    """X of pyproject.toml's `ray[...]==X` dependency."""
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (ray,) = [r for r in map(Requirement, deps) if r.name == "ray"]
-    (spec,) = ray.specifier
-    assert spec.operator == "==", f"ray is pinned exactly: {ray}"
-    return spec.version
+    """X of constraints.txt's `ray==X`, the Ray the project is developed and measured with."""
+    (version,) = [line.split("==")[1] for line in (ROOT / "constraints.txt").read_text().splitlines()
+                  if line.startswith("ray==")]
+    return version
 
 
 def pinned_python_minor() -> str:
@@ -142,7 +139,7 @@ def test_launcher_two_local_nodes(launcher):
 def test_launcher_installs_the_project_on_each_node(launcher):
     remote_dir, token = launcher["file_mounts"]
     assert remote_dir == "~/frcnn-ray-bench" and launcher["file_mounts"][remote_dir] == "."
-    assert any("pip install -e" in c and remote_dir in c for c in launcher["setup_commands"])
+    assert any("pip install -e . -c constraints.txt" in c and remote_dir in c for c in launcher["setup_commands"])
     # setup_commands run on the head and on the worker.
     prepared = prepare_config(copy.deepcopy(launcher))
     for key in ("head_setup_commands", "worker_setup_commands"):

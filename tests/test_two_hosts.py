@@ -61,7 +61,7 @@ def launcher_config(key: Path) -> str:
     edits = [("head_ip: 10.0.0.1", f"head_ip: {HEAD}"), ("- 10.0.0.2 ", f"- {WORKER} "),
              ("ssh_user: ubuntu", f"ssh_user: {hosts.USER}"),
              ("# ssh_private_key: ~/.ssh/id_ed25519", f"ssh_private_key: {key}"),
-             ("python3.11 -m venv .venv && .venv/bin/pip install -e .", f"ln -sfn {Path(sys.prefix)} .venv")]
+             ("python3.11 -m venv .venv && .venv/bin/pip install -e . -c constraints.txt", f"ln -sfn {Path(sys.prefix)} .venv")]
     for old, new in edits:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
