@@ -7,7 +7,7 @@ ratios, 3 to 20 objects), then trains the 1x1 configuration at FlagPerf's A100 b
 only a GPU can show: the driver's and torch's CUDA versions the run's GPU check found, the
 device's name, NVML's memory figure against torch's peak reservation and the device's total,
 that amp's loss scale moved and its p_core beats fp32's, p_train / p_core, init_time, the energy
-per image (NVML, where the GPU has the counter) and each run's FlagPerf row. Results: acceptance.json and acceptance.md in
+per image (NVML, where the GPU has the counter), the FLOPs and the device's share they used, and each run's FlagPerf row. Results: acceptance.json and acceptance.md in
 --output-dir, beside each run's own results directory. Exit code 1 when a check fails.
 
 The ImageNet backbone cannot be downloaded on a closed machine: without --backbone-weights the
@@ -116,6 +116,18 @@ def memory_check(name: str, result: dict) -> dict:
                  f"{result['mem_kind']} peak {used:.2f} GiB, torch's peak reserved {torch_peak}, of {total:.2f} GiB")
 
 
+def utilisation_check(name: str, result: dict) -> dict:
+    """The FLOPs were counted, and the device's share they used is a share: in (0, 1] where the
+    device's peak is known (pipeline/flops.py)."""
+    achieved, share = result["achieved_tflops"], result["utilisation"]
+    if achieved is None:
+        return check(f"{name}: FLOPs and utilisation", False, "no FLOPs measured")
+    shown = "peak not known" if share is None else (f"{100 * share:.1f}% of {result['peak_tflops']:g} "
+                                                   f"{result['compute_precision']} TFLOP/s")
+    return check(f"{name}: FLOPs and utilisation", share is None or 0 < share <= 1,
+                 f"{result['flops_per_image'] / 1e9:.0f} GFLOP per image, {achieved:.3g} TFLOP/s per device, {shown}")
+
+
 def checks(results: dict) -> list[dict]:
     """What the acceptance run asserts of its runs' results (result.json contents, by run name)."""
     fp32, amp = results["1x1 fp32"], results["1x1 amp"]
@@ -132,6 +144,7 @@ def checks(results: dict) -> list[dict]:
                            f"{number(result['p_core'])} >= {number(result['p_train'])} >= {number(result['p_whole'])}"))
         found.append(check(f"{name}: init_time", result["init_time"] is not None,
                            f"{result['init_time']:.1f} s" if result["init_time"] is not None else "no step ran"))
+        found.append(utilisation_check(name, result))
     moved = amp["skipped_steps"] > 0 or amp["loss_scale_last"] != INITIAL_LOSS_SCALE
     found.append(check("1x1 amp: loss scale moved", moved,
                        f"{amp['loss_scale_first']:g} after the first step, {amp['loss_scale_last']:g} after the last, "

@@ -29,13 +29,16 @@ def result(**overrides) -> dict:
               "p_whole": 40.0, "p_train": 45.0, "p_core": 48.0, "init_time": 25.0,
               "loss_scale_first": 1.0, "loss_scale_last": 1.0, "skipped_steps": 0, "joules_per_image": None,
               "workers": 1, "config_label": "1x1", "e2e_time": 200.0, "map": 0.0,
-              "config": {"precision": "fp32", "fix_hp": "bs=16,lr=0.02"}}
+              # About 400 GFLOP an image trained at 800 x 1216: 19.2 TFLOP/s at 48 images/s.
+              "flops_per_image": 4e11, "achieved_tflops": 19.2, "peak_tflops": 66.9, "compute_precision": "fp32",
+              "utilisation": 19.2 / 66.9,
+              "config": {"precision": "fp32", "tf32": False, "fix_hp": "bs=16,lr=0.02"}}
     return {**values, **overrides}
 
 
 def good_results() -> dict:
     amp = dict(p_whole=70.0, p_train=80.0, p_core=85.0, loss_scale_first=32768.0, loss_scale_last=8192.0,
-               skipped_steps=3, joules_per_image=4.5, config={"precision": "amp", "fix_hp": "bs=16,lr=0.02"})
+               skipped_steps=3, joules_per_image=4.5, config={"precision": "amp", "tf32": False, "fix_hp": "bs=16,lr=0.02"})
     return {"1x1 fp32": result(), "1x1 amp": result(**amp),
             "1x2 amp": result(**{**amp, "p_train": 150.0, "p_core": 160.0, "workers": 2, "config_label": "1x2"})}
 
@@ -56,6 +59,7 @@ def test_checks_pass_on_good_gpu_results():
             "torch 2.14.1+cu130 (CUDA 13.0), 1 device(s) for 1 GPU(s) given") in text
     assert ("PASS  1x1 fp32: NVML memory figure: nvml used peak 31.20 GiB, torch's peak reserved 30.10 GiB, "
             "of 140.40 GiB") in text
+    assert "PASS  1x1 fp32: FLOPs and utilisation: 400 GFLOP per image, 19.2 TFLOP/s per device, 28.7% of 66.9 fp32" in text
 
 
 @pytest.mark.parametrize("run,change,checks", [
@@ -74,6 +78,8 @@ def test_checks_pass_on_good_gpu_results():
     ("1x1 fp32", dict(gpu_nodes=[]), ["GPU nodes: driver and wheels"]),
     ("1x1 fp32", dict(init_time=None), ["1x1 fp32: init_time"]),
     ("1x2 amp", dict(workers=1, config_label="1x1"), ["1x2 amp: two workers over NCCL"]),
+    ("1x1 fp32", dict(utilisation=1.3), ["1x1 fp32: FLOPs and utilisation"]),  # a wrong count or peak
+    ("1x1 amp", dict(achieved_tflops=None, flops_per_image=None, utilisation=None), ["1x1 amp: FLOPs and utilisation"]),
 ])
 def test_each_check_fails_on_its_fault(run, change, checks):
     results = good_results()

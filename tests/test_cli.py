@@ -84,7 +84,7 @@ def test_help_shows_real_defaults_and_formats():
 def test_boolean_fields_are_switches_that_leave_presets_alone(capsys):
     parser = config_parser()
     switches = [name for name, f in FIELDS.items() if f.type is bool]
-    assert switches == ["use_gpu"]
+    assert switches == ["use_gpu", "tf32"]
     for name in switches:
         flag = name.replace("_", "-")
         assert getattr(parser.parse_args([f"--{flag}"]), name) is True
@@ -102,6 +102,7 @@ def test_boolean_fields_are_switches_that_leave_presets_alone(capsys):
     assert config("--preset", "smoke", "--use-gpu").use_gpu is True
     assert config("--preset", "1x8").use_gpu is True
     assert config("--preset", "1x8", "--no-use-gpu").use_gpu is False
+    assert config("--preset", "c500-1x8").tf32 is True and config("--preset", "c500-1x8", "--no-tf32").tf32 is False
 
 
 def test_benchmark_takes_configs_flags_with_its_own_defaults(capsys):

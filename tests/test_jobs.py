@@ -61,3 +61,9 @@ def check_quiet_line_output(output: str) -> None:
     assert any(re.match(r" *\d+%  epoch 1/1  (step \d+/\d+|eval \d+/\d+ images)[ ,\w]*  [\d.]+ img/s  loss [\d.]+", line)
                for line in lines), output
     assert "result row:" in lines and "per worker:" in lines
+    # Before training, what computes on each node; after it, the FLOPs and how much of the device.
+    assert any(re.fullmatch(r"node \S+ \(\w{8}\): torch \S+( \(CUDA [\d.]+\))?, \d+ x CPU \(.+\), "
+                            r"collective backend gloo", line) for line in lines), output
+    assert any(re.fullmatch(r"compute: [\d.]+ GFLOP per image trained \(forward and backward, torch's FLOP counter\), "
+                            r"\S+ TFLOP/s per device over the compute time; utilisation unknown: no fp32 peak known for "
+                            r"CPU \(.+\) \(give it with --peak-tflops\)", line) for line in lines), output

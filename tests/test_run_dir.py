@@ -64,7 +64,7 @@ def test_run_refuses_before_ray_starts_and_leaves_the_other_run_as_it_was(tiny_c
 def test_a_writer_killed_before_its_rename_leaves_the_previous_result(tmp_path, monkeypatch):
     run_dir = tmp_path / "shared"
     run_dir.mkdir()
-    result = {"run_name": "shared", "config_label": "1x1", "config": {"precision": "fp32", "fix_hp": "/"},
+    result = {"run_name": "shared", "config_label": "1x1", "config": {"precision": "fp32", "tf32": False, "fix_hp": "/"},
               "e2e_time": 1.0, "p_whole": 1.0, "p_train": 1.0, "p_core": 1.0, "map": 0.1, "mem": "1/2"}
     results.write_result(run_dir, result)
 
