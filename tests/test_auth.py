@@ -1,11 +1,10 @@
 """Token authentication for real: a head started with RAY_AUTH_MODE=token, as both cluster
 configurations start theirs. Without the token neither `ray job submit` nor the dashboard's HTTP
-job API lets anyone in; with it the README's exact job command runs the smoke job, which writes
-its result and shows its summary. And the Ray that `run` starts for debugging takes connections
-from this machine only."""
+job API lets anyone in; with it the README's exact job command reaches the entrypoint (asked for
+its help, which ends the job in seconds: tests/test_two_hosts.py runs the same command to the end,
+under CI on every run). And the Ray that `run` starts for debugging takes connections from this
+machine only."""
 
-import json
-import re
 import secrets
 import subprocess
 import sys
@@ -57,13 +56,14 @@ def wait_for_dashboard_with(port: int, token: str, timeout: float = 90) -> None:
         time.sleep(1)
 
 
-def submit(head: RayHead, home: Path, tmp_path: Path, **auth: str) -> subprocess.CompletedProcess:
-    """The smoke job submitted from a clean HOME (no ~/.ray/auth_token) with `auth` in the environment."""
+def submit(head: RayHead, home: Path, tmp_path: Path, *extra: str, **auth: str) -> subprocess.CompletedProcess:
+    """The smoke job submitted from a clean HOME (no ~/.ray/auth_token) with `auth` in the
+    environment; `extra`: more arguments for the entrypoint."""
     home.mkdir(exist_ok=True)
     env = {name: value for name, value in venv_env().items() if not name.startswith("RAY_AUTH")}
     env.update(HOME=str(home), RAY_ADDRESS=f"http://127.0.0.1:{head.dashboard_port}", FRCNN_RESULTS=str(tmp_path),
                **auth)
-    return subprocess.run(["bash", "-c", readme_command(SUBMIT)], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run(["bash", "-c", " ".join([readme_command(SUBMIT), *extra])], cwd=ROOT, capture_output=True, text=True,
                           timeout=280, env=env)
 
 
@@ -81,15 +81,9 @@ def test_a_job_without_the_token_is_refused_and_with_it_runs(token_head, tmp_pat
     assert "Authentication required" in refused.stderr + refused.stdout, refused.stderr[-2000:]
     wrong = submit(head, tmp_path / "home", tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
     assert wrong.returncode != 0 and not list(tmp_path.glob("smoke-*"))
-    done = submit(head, tmp_path / "home", tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    done = submit(head, tmp_path / "home", tmp_path, "--help", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
-    # The job's log (which `ray job submit` follows) ends with the run's summary.
-    assert "| config | precision | fix_hp | e2e_time | p_whole | p_train | p_core | map | mem |" in done.stdout
-    (run_dir,) = tmp_path.glob("smoke-*")
-    result = json.loads((run_dir / "result.json").read_text())
-    assert result["config"]["preset"] == "smoke" and result["workers"] == 2 and result["images_trained"] > 0
-    assert f"| {result['config_label']} | fp32 | smoke |" in done.stdout
-    assert "Ray: joined the cluster at" in done.stdout and not re.search(r"\(RayTrainWorker pid=", done.stdout)
+    assert "--peak-tflops" in done.stdout  # the entrypoint's help, from the job's log
     print(f"refused:\n{refused.stderr[-600:]}\nwrong token:\n{wrong.stderr[-600:]}\naccepted:\n{done.stdout[-400:]}")
 
 

@@ -217,6 +217,9 @@ def test_the_run_trains_across_the_link_and_survives_losing_the_worker_host(clus
     code, output = finished(job)
     assert code == 0, output[-4000:]
     saved = check_honest_figures(run_dir, epochs=2)  # exact image counts, figures from the raw logs
+    # The job's log (which `ray job submit` follows): the run joined the cluster and ended with its
+    # summary and row.
+    assert "Ray: joined the cluster at" in output and f"| {saved['config_label']} | fp32 | smoke |" in output
     assert {node["node_ip"] for node in saved["per_node"]} == {HEAD, WORKER}
     attempts = load_records(run_dir)["attempts"]
     assert saved["attempts"] == 2 and attempts["resumed"] == [False, True]
