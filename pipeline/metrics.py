@@ -241,9 +241,10 @@ def flops_figures(steps: dict, workers: dict) -> dict:
     if rates is None:
         return dict.fromkeys(("flops_per_pixel", "flops_per_box_image", "flops_trained", "flops_per_image",
                               "achieved_tflops"))
-    trained = rates[0] * float(np.sum(steps["batch_pixels"])) + rates[1] * images_trained(steps)
+    images = images_trained(steps)
+    trained = rates[0] * float(np.sum(steps["batch_pixels"])) + rates[1] * images
     return {"flops_per_pixel": rates[0], "flops_per_box_image": rates[1], "flops_trained": trained,
-            "flops_per_image": trained / images_trained(steps),
+            "flops_per_image": trained / images,
             "achieved_tflops": trained / compute_time(steps) / len(workers["worker"]) / 1e12}
 
 

@@ -3,10 +3,8 @@ the data set has enough usable images for the workers, the cluster has the devic
 config asks for, every GPU node's driver runs this torch on its GPUs, and every node sees the
 data set and the run's storage."""
 
-import contextlib
 import dataclasses
 import os
-import platform
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import nvml
 from pipeline.config import Config
+from pipeline.train_loop import cpu_name, nccl_version
 
 CHECK_TIMEOUT_S = 120
 
@@ -127,7 +126,7 @@ def gpu_facts() -> GpuFacts:
     return GpuFacts(driver, driver_cuda, error, torch.__version__, torch.version.cuda, available,
                     torch.cuda.device_count(), len(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES"),
                     torch.cuda.get_device_name() if available else None,
-                    ".".join(map(str, torch.cuda.nccl.version())) if available else None)
+                    nccl_version() if available else None)
 
 
 def node_name(node: dict) -> str:
@@ -156,15 +155,6 @@ def check_gpu_nodes() -> list[dict]:
     if problems:
         raise PreflightError("; ".join(problems))
     return [{"node": name, **dataclasses.asdict(found)} for name, found in facts.items()]
-
-
-def cpu_name() -> str:
-    """"CPU (<model name>)" from /proc/cpuinfo, or the machine's architecture."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU ({line.split(':', 1)[1].strip()})"
-    return f"CPU ({platform.machine()})"
 
 
 @ray.remote(num_cpus=0)

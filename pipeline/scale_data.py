@@ -263,7 +263,7 @@ def measure_val_path(annotation_file: Path) -> dict:
 
 def machine() -> dict:
     """The CPU, its cores, the memory and the versions that matter here."""
-    from pipeline.preflight import cpu_name  # imports Ray: kept out of the measuring processes
+    from pipeline.train_loop import cpu_name  # imports Ray: kept out of the measuring processes
 
     return {"cpu": cpu_name(), "nproc": len(os.sched_getaffinity(0)),
             "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,

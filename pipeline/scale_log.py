@@ -26,7 +26,7 @@ import ray
 from pipeline import checkpoint, report
 from pipeline.collector import Collector, StepSender
 from pipeline.config import resolve
-from pipeline.records import StepRow, load_tables
+from pipeline.records import TABLES, StepRow, load_tables
 from pipeline.run import write_results
 
 WORKERS, STEPS, EPOCHS = 16, 3665, 26
@@ -107,11 +107,10 @@ def measure(workers: int, steps: int, epochs: int, fail_epoch: int, out: Path) -
     saved = load_tables(checkpoints / f"epoch-{fail_epoch - 1}")
     ray.get(collector.begin_attempt.remote(fail_epoch, saved))
     run_epochs(collector, team, range(fail_epoch, epochs), steps, checkpoints, timings)
-    ray.get([collector.add_worker.remote({"worker": rank, "node": "node", "node_ip": "127.0.0.1", "node_rank": 0,
-                                         "device": "none", "mem_peak_bytes": 1, "mem_total_bytes": 2,
-                                         "mem_kind": "cpu rss", "mem_torch_reserved_bytes": None, "env": {},
-                                         **dict.fromkeys(("torch", "tf32", "backend", "backend_version", "flops",
-                                                          "box_flops", "flops_batch_pixels", "flops_images"))})
+    ray.get([collector.add_worker.remote({**dict.fromkeys(TABLES["workers"]), "worker": rank, "node": "node",
+                                          "node_ip": "127.0.0.1", "node_rank": 0, "device": "none",
+                                          "mem_peak_bytes": 1, "mem_total_bytes": 2, "mem_kind": "cpu rss",
+                                          "env": {}})
              for rank in range(workers)])
     actor_peak = memory_bytes(collector, "VmHWM")
 

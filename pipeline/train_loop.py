@@ -9,6 +9,7 @@ collector (see pipeline.metrics for what each one measures).
 import contextlib
 import math
 import os
+import platform
 import queue
 import resource
 import threading
@@ -16,6 +17,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray.train
 import ray.train.torch
@@ -27,7 +29,6 @@ from pipeline.collector import StepSender
 from pipeline.config import Config
 from pipeline.model import build_model
 from pipeline.nvml import UsedMemoryPeak, energy_meter, used_memory_peak
-from pipeline.preflight import cpu_name
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,20 @@ def evaluate(model, batches: Prefetched, config: Config, device: torch.device, g
     return result[0], inferred
 
 
+def cpu_name() -> str:
+    """"CPU (<model name>)" from /proc/cpuinfo, or the machine's architecture."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU ({line.split(':', 1)[1].strip()})"
+    return f"CPU ({platform.machine()})"
+
+
+def nccl_version() -> str:
+    """The NCCL version torch carries ("2.27.5"; on another vendor's GPU, its own library's)."""
+    return ".".join(map(str, torch.cuda.nccl.version()))
+
+
 def memory_record(device: torch.device, used_memory: UsedMemoryPeak | None) -> dict:
     """The worker's device and peak memory (its row of the workers table). On CUDA the device's
     used memory as NVML counts it, over NVML's total ("nvml used", FlagPerf's figure), or where
@@ -245,7 +260,7 @@ def collective() -> dict:
     the name under which its own collective library runs), with NCCL's version on nccl (what that
     library reports on such hardware); None without a process group."""
     backend = dist.get_backend() if dist.is_initialized() else None
-    version = ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl" else None
+    version = nccl_version() if backend == "nccl" else None
     return {"backend": backend, "backend_version": version}
 
 
