@@ -117,7 +117,7 @@ def measure(workers: int, steps: int, epochs: int, fail_epoch: int, out: Path) -
     start = time.perf_counter()
     records = ray.get(collector.records.remote())
     write_results(resolve("2x8-amp"), run_dir, records, {"process_start": time.time(), "steps_per_epoch": steps,
-                                                         "data": {}, "gpu_nodes": [], "node_facts": []})
+                                                         "data": {}, "gpu_nodes": [], "node_facts": [], "startup": {}})
     finishing = time.perf_counter() - start
     start = time.perf_counter()
     report.main([str(run_dir), "--output-dir", str(out / "report")])
