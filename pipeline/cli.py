@@ -9,9 +9,9 @@ from pipeline import config as config_module
 
 # Problems with what the user gave: one line naming it, no traceback. By module, so that a command
 # imports only what it uses (see `user_errors`); FileExistsError is the builtin.
-USER_ERRORS = {"pipeline.config": "ConfigError", "pipeline.manifest": "AnnotationError",
-               "pipeline.weights": "WeightsError", "pipeline.preflight": "PreflightError",
-               "pipeline.report": "ReportError", "pipeline.coco": "CocoError"}
+USER_ERRORS = {"pipeline.config": "ConfigError", "pipeline.data.manifest": "AnnotationError",
+               "pipeline.worker.weights": "WeightsError", "pipeline.preflight": "PreflightError",
+               "pipeline.records.report": "ReportError", "pipeline.data.coco": "CocoError"}
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -29,7 +29,7 @@ def _run(argv: list[str]) -> None:
     args = vars(parser.parse_args(argv))
     verbose = args.pop("verbose")
     config = config_module.resolve(args.pop("preset"), **args)
-    from pipeline.results import summary
+    from pipeline.records.results import summary
     from pipeline.run import TrainingFailed, run  # imports Ray and torch: only for this command, after --help
 
     try:
@@ -41,31 +41,31 @@ def _run(argv: list[str]) -> None:
 
 
 def _benchmark(argv: list[str]) -> None:
-    from pipeline import benchmark  # imports Ray and torch: only for this command
+    from pipeline.bench import benchmark  # imports Ray and torch: only for this command
 
     benchmark.main(argv)
 
 
 def _acceptance(argv: list[str]) -> None:
-    from pipeline import acceptance  # imports torch: only for this command
+    from pipeline.bench import acceptance  # imports torch: only for this command
 
     acceptance.main(argv)
 
 
 def _report(argv: list[str]) -> None:
-    from pipeline import report  # numpy, pyarrow, matplotlib; neither Ray nor torch
+    from pipeline.records import report  # numpy, pyarrow, matplotlib; neither Ray nor torch
 
     report.main(argv)
 
 
 def _coco(argv: list[str]) -> None:
-    from pipeline import coco
+    from pipeline.data import coco
 
     coco.main(argv)
 
 
 def _synth(argv: list[str]) -> None:
-    from pipeline import synthetic  # imports torchvision (torch): only for this command
+    from pipeline.data import synthetic  # imports torchvision (torch): only for this command
 
     synthetic.main(argv)
 

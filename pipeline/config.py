@@ -106,7 +106,7 @@ class Config:
     fix_hp: str = "/"
 
     # The device's peak TFLOP/s at the run's precision, for the utilisation figure; 0 takes it from
-    # the table of known devices in pipeline/flops.py (utilisation null for a device not there).
+    # the table of known devices in pipeline/worker/flops.py (utilisation null for a device not there).
     peak_tflops: float = 0.0
 
     # Restarts of the worker group from the last epoch checkpoint after a worker dies (0: fail).

@@ -14,9 +14,9 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import nvml
 from pipeline.config import Config
-from pipeline.train_loop import cpu_name, nccl_version
+from pipeline.worker import nvml
+from pipeline.worker.train_loop import cpu_name, nccl_version
 
 CHECK_TIMEOUT_S = 120
 

@@ -19,16 +19,18 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import data, flops, metrics, results, synthetic
-from pipeline.collector import Collector
 from pipeline.config import Config, to_dict
-from pipeline.manifest import build_manifest, split_paths
+from pipeline.data import stream, synthetic
+from pipeline.data.manifest import build_manifest, split_paths
 from pipeline.preflight import (check_data_sizes, check_gpu_nodes, check_nodes_see, check_resources, describe_node,
                                 node_facts)
 from pipeline.progress import Progress, quiet_ray_data, quiet_ray_init_options
-from pipeline.records import load_steps, write_tables
-from pipeline.train_loop import LoopConfig, train_loop_per_worker
-from pipeline.weights import checked_weights_file, download_url, fetch
+from pipeline.records import metrics, results
+from pipeline.records.collector import Collector
+from pipeline.records.tables import load_steps, write_tables
+from pipeline.worker import flops
+from pipeline.worker.train_loop import LoopConfig, train_loop_per_worker
+from pipeline.worker.weights import checked_weights_file, download_url, fetch
 
 
 class TrainingFailed(RuntimeError):
@@ -229,7 +231,7 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
     loop = worker_config(plan, collector)
     val_options = {"decode_batch_size": config.decode_batch_size, "collector": collector,
                    "max_bad_images": config.max_bad_images}
-    sharding = data.ShardingConfig(val_manifest, max(1, config.num_workers), **val_options)
+    sharding = stream.ShardingConfig(val_manifest, max(1, config.num_workers), **val_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},
@@ -239,7 +241,7 @@ def train(plan: Plan, collector, progress) -> ray.train.Result:
                                                           controller_failure_limit=WORKER_GROUP_START_TRIES),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": config.worker_env}),
-        datasets={"train": data.train_dataset(plan.manifests["train"][0], config.seed, config.decode_batch_size,
+        datasets={"train": stream.train_dataset(plan.manifests["train"][0], config.seed, config.decode_batch_size,
                                               config.aspect_group_factor, collector, config.max_bad_images),
                   "val": sharding.val_shares[0]},  # names the stream: each worker gets its own share
         dataset_config=sharding,
@@ -285,7 +287,7 @@ def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> 
         "init_time": metrics.init_time(steps, facts["process_start"]),
         "startup": metrics.startup(facts["startup"], steps, facts["process_start"]),
         "steps_per_epoch": facts["steps_per_epoch"],
-        # Work lost to failures is not in the figures above (see pipeline/collector.py).
+        # Work lost to failures is not in the figures above (see pipeline/records/collector.py).
         "attempts": len(records["attempts"]["attempt"]),
         "time_lost_s": sum(records["attempts"]["time_lost_s"]),
         "lost_images": sum(records["attempts"]["lost_images"]),
@@ -307,7 +309,7 @@ def write_results(config: Config, run_dir: Path, records: dict, facts: dict) -> 
         "config": to_dict(config),
     }
     write_tables(run_dir, records)
-    from pipeline import plots  # matplotlib: imported once the run is done, not before its first step
+    from pipeline.records import plots  # matplotlib: imported once the run is done, not before its first step
 
     result["plots"] = [str(path) for path in plots.write_run_plots(run_dir, steps, epochs)]
     result["e2e_time"] = metrics.e2e_time(facts["process_start"], time.time())

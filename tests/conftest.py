@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import synthetic
+from pipeline.data import synthetic
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -164,7 +164,7 @@ SHARED_WORKERS = 3
 @pytest.fixture(scope="session")
 def shared_run(session_head, tiny_coco, tmp_path_factory) -> Path:
     """One real run that several tests check different things of (tests/test_run.py,
-    tests/test_report.py): 3 workers (7 val images: not a multiple of 3), 2 epochs, an environment
+    tests/records/test_report.py): 3 workers (7 val images: not a multiple of 3), 2 epochs, an environment
     variable for the workers. Its results folder: runs/w3 under a folder of its own."""
     import ray
 
@@ -204,7 +204,7 @@ def make_damaged_coco(root: Path) -> Path:
     grayscale and a PNG-named-.jpg one that are fine, and whose val split has a truncated one, a
     FIFO (which blocks whoever opens it) and an entry whose file_name leaves the folder for a
     real JPEG (../outside.jpg)."""
-    from pipeline.manifest import split_paths
+    from pipeline.data.manifest import split_paths
 
     root = synthetic.generate(root, synthetic.SyntheticSpec(
         train_images=10, val_images=5, num_categories=3, image_size=64, empty_fraction=0.0, seed=8))
@@ -233,7 +233,7 @@ def two_node_run(tmp_path_factory) -> dict:
     """One real run that two tests check different things of: the smoke preset, 2 epochs, on two
     Ray nodes on this machine (ray.cluster_utils.Cluster, as Ray's own multi-node tests do), one
     worker per node (tests/test_multinode.py), over the damaged set, whose unusable images either
-    node's decoding tasks meet (tests/test_bad_input.py). Returns the run's result, its directory
+    node's decoding tasks meet (tests/data/test_bad_input.py). Returns the run's result, its directory
     and the ids of the two nodes."""
     import ray
     from ray.cluster_utils import Cluster
@@ -264,11 +264,11 @@ def two_node_run(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def acceptance_flow(session_head, tmp_path_factory) -> dict:
     """The acceptance flow at toy size on CPU workers, on the session's head: its results and
-    checks (tests/test_acceptance.py); its 1x1 fp32 run is the one-device run of the report in
-    tests/test_report.py. Returns the flow's folder, results and checks."""
+    checks (tests/bench/test_acceptance.py); its 1x1 fp32 run is the one-device run of the report in
+    tests/records/test_report.py. Returns the flow's folder, results and checks."""
     import ray
 
-    from pipeline import acceptance
+    from pipeline.bench import acceptance
 
     folder = tmp_path_factory.mktemp("acceptance")
     spec = acceptance.Spec(steps=2, batch_size=2, image_size=64, val_images=4, min_size=32, max_size=48,

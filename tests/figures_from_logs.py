@@ -1,5 +1,5 @@
 """Every figure of a run recomputed from its raw logs with plain pyarrow and json, from the
-definitions in the README's figures table, without pipeline.metrics: a test compares these with
+definitions in the README's figures table, without pipeline.records.metrics: a test compares these with
 result.json, so a wrong formula there shows as a difference here."""
 
 import json
@@ -37,7 +37,7 @@ def figures_from_logs(run_dir: Path, target_map: float, process_start: float) ->
     used, total = peak["mem_peak_bytes"] / GIB, peak["mem_total_bytes"] / GIB
     reserved = [row["mem_torch_reserved_bytes"] for row in workers]
     own = [row["start"] for row in steps if row["start"] >= process_start]
-    # FLOPs: each worker's first batch measured, at the rates of all of them (pipeline/flops.py).
+    # FLOPs: each worker's first batch measured, at the rates of all of them (pipeline/worker/flops.py).
     box = sum(row["box_flops"] for row in workers)
     per_pixel = (sum(row["flops"] for row in workers) - box) / sum(row["flops_batch_pixels"] for row in workers)
     flops = per_pixel * sum(row["batch_pixels"] for row in steps) + box / sum(row["flops_images"] for row in workers) * images

@@ -16,8 +16,8 @@ from ray.util.state import list_actors
 
 from conftest import session_pids, venv_env
 from figures_from_logs import assert_figures_match
-from pipeline import synthetic
-from pipeline.records import load_records
+from pipeline.data import synthetic
+from pipeline.records.tables import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """The job entrypoint for real, starting its own local Ray (the README's exact `ray job submit`
 command runs in tests/test_auth.py, against a head with token authentication; what `--verbose`
-shows, in tests/test_bad_input.py)."""
+shows, in tests/data/test_bad_input.py)."""
 
 import json
 import os

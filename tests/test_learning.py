@@ -9,14 +9,14 @@ a correct run. With 3 epochs, the lr decayed for the third, the run reached 0.38
 and 0.285 as the pipeline is, 0.001 with the box-scale fault, 0.208 with images flipped but not
 their boxes, 0.251 with the pixels reaching the model in 0..255 (no division by 255): a threshold
 between the last two and the correct runs would fail at random, so the flip and the normalisation
-faults are caught, deterministically, by tests/test_images.py (the object moves with its box) and
-tests/test_step.py (pixels in [0, 1]).
+faults are caught, deterministically, by tests/data/test_images.py (the object moves with its box) and
+tests/worker/test_step.py (pixels in [0, 1]).
 """
 
 import pytest
 
-from pipeline import synthetic
 from pipeline.config import resolve
+from pipeline.data import synthetic
 from pipeline.run import run
 
 THRESHOLD = 0.05

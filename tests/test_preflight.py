@@ -8,12 +8,12 @@ import sys
 import pytest
 
 from conftest import RayHead, venv_env
-from pipeline import synthetic
 from pipeline.config import resolve
-from pipeline.nvml import cuda_version
+from pipeline.data import synthetic
 from pipeline.preflight import (GpuFacts, PreflightError, check_gpu_nodes, check_nodes_see, describe_node,
                                 gpu_problem)
 from pipeline.run import run
+from pipeline.worker.nvml import cuda_version
 
 
 @pytest.fixture(scope="module")

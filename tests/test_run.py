@@ -7,9 +7,9 @@ import torch
 from conftest import SHARED_WORKERS
 from figures_from_logs import assert_figures_match
 from pipeline.config import resolve
-from pipeline.metrics import STARTUP_STAGES
-from pipeline.records import load_records
-from pipeline.step import FLOP_COUNTS
+from pipeline.records.metrics import STARTUP_STAGES
+from pipeline.records.tables import load_records
+from pipeline.worker.step import FLOP_COUNTS
 
 
 def val_image_count(data_root):
@@ -51,7 +51,7 @@ def test_a_run_end_to_end(shared_run):
     assert 0 <= saved["map"] <= 1 and saved["mem"].endswith("(cpu rss)")
     assert saved["mem_torch_reserved_gib"] is None and saved["gpu_nodes"] == []  # CPU workers: no GPU check
 
-    # Every figure recomputed from the raw logs, without pipeline.metrics, equals result.json's.
+    # Every figure recomputed from the raw logs, without pipeline.records.metrics, equals result.json's.
     assert_figures_match(run_dir)
     records = load_records(run_dir)
     assert records["workers"]["env"] == [{"FRCNN_PROBE": "on"}] * workers  # reached the worker processes

@@ -23,8 +23,8 @@ import yaml
 import hosts
 from test_faults import TWELVE_STEPS, check_honest_figures, latest_checkpoint_epoch, wait_for
 from test_jobs import readme_command
-from pipeline import synthetic
-from pipeline.records import load_records
+from pipeline.data import synthetic
+from pipeline.records.tables import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD, WORKER = hosts.HOSTS["frcnn-head"], hosts.HOSTS["frcnn-worker"]
