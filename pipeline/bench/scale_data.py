@@ -44,7 +44,7 @@ CROWD_SHARE = 0.01
 DETECTIONS_PER_IMAGE = 100  # torchvision's box_detections_per_img
 WORKERS = 4
 TARGETS = {"manifest_s": 60, "manifest_peak_gb": 4, "val_gather_and_cocoeval_s": 15}
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "bench" / "scale_data.json"
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "bench" / "scale_data.json"
 
 
 def category_shares() -> np.ndarray:
