@@ -180,11 +180,14 @@ def shared_run(session_head, tiny_coco, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_coco(tmp_path_factory) -> Path:
-    """7 training images (one without objects, dropped) and 7 val images, ~64 px."""
-    root = tmp_path_factory.mktemp("tiny_coco")
-    return synthetic.generate(root, synthetic.SyntheticSpec(
+def tiny_coco(tmp_path_factory):
+    """7 training images (one without objects, dropped) and 7 val images, ~64 px. Shared by the
+    session: a test that let a run replace it (a preset's synthetic set on this root) fails here."""
+    root = synthetic.generate(tmp_path_factory.mktemp("tiny_coco"), synthetic.SyntheticSpec(
         train_images=7, val_images=7, num_categories=3, image_size=64, empty_fraction=0.15, seed=3))
+    stamp = (root / "synthetic.json").read_text()
+    yield root
+    assert (root / "synthetic.json").read_text() == stamp, "a test replaced the session's tiny_coco set"
 
 
 def image_file(folder: Path, name: str, size=(48, 32), mode="RGB", **save) -> Path:

@@ -51,11 +51,14 @@ def test_a_directory_of_other_files_is_refused(tmp_path):
 
 
 def test_run_refuses_before_ray_starts_and_leaves_the_other_run_as_it_was(tiny_coco, tmp_path):
-    other = resolve("smoke", data_root=str(tiny_coco), output_dir=str(tmp_path), run_name="shared")
+    # synthetic_train_images=0: the session's tiny_coco is read as it is; the smoke preset's own
+    # synthetic set would replace it (run() prepares the data before it claims the folder).
+    other = resolve("smoke", data_root=str(tiny_coco), synthetic_train_images=0, output_dir=str(tmp_path),
+                    run_name="shared")
     claim_run_dir(tmp_path / "shared", {**to_dict(other), "run_name": "shared"})
     (tmp_path / "shared" / "result.json").write_text('{"run_name": "shared"}\n')
-    mine = resolve("smoke", data_root=str(tiny_coco), output_dir=str(tmp_path), run_name="shared", lr=0.01,
-                   ray_address="127.0.0.1:1")  # no Ray there: the refusal must come first
+    mine = resolve("smoke", data_root=str(tiny_coco), synthetic_train_images=0, output_dir=str(tmp_path),
+                   run_name="shared", lr=0.01, ray_address="127.0.0.1:1")  # no Ray there: the refusal must come first
     with pytest.raises(RunDirError, match="lr: 0.005 there, 0.01 here"):
         run(mine)
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["config.json", "result.json"]
